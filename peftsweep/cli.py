@@ -1,0 +1,98 @@
+"""The `peftsweep` command: each command resolves the spec and calls one library function."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from peftsweep.spec import SpecError, SweepSpec, load_spec
+
+app = typer.Typer(
+    help="Fair per-method LR × rank sweeps of PEFT methods (Ray Tune + Optuna + Ray Train/DeepSpeed + MLflow).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+SpecArg = Annotated[Path, typer.Argument(help="Sweep spec (YAML), e.g. examples/quickstart.yaml")]
+
+
+def _load(spec_path: Path) -> SweepSpec:
+    try:
+        return load_spec(spec_path)
+    except SpecError as exc:
+        err.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(
+    spec_path: SpecArg,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join ('auto', 'ray://host:10001'); default: embedded")
+    ] = None,
+) -> None:
+    """Run a sweep: one Optuna study per method searched by Ray Tune, each trial a Ray Train job."""
+    spec = _load(spec_path)
+    from peftsweep.orchestrator.sweep import run_sweep
+
+    try:
+        result = run_sweep(spec, address=address, console=console)
+    except SpecError as exc:
+        err.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    if result.champion is None:
+        raise typer.Exit(1)
+
+
+@app.command()
+def validate(spec_path: SpecArg) -> None:
+    """Check a spec and its data files without starting anything."""
+    spec = _load(spec_path)
+    from peftsweep.orchestrator.sweep import check_inputs
+
+    try:
+        check_inputs(spec)
+    except SpecError as exc:
+        err.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"{spec_path}: ok ({len(spec.methods)} methods, tracking in {spec.tracking.root})")
+
+
+@app.command()
+def best(spec_path: SpecArg) -> None:
+    """Show the registered champion: method, params, metric and where its adapter is."""
+    spec = _load(spec_path)
+    from peftsweep.orchestrator.champion import champion_info
+
+    info = champion_info(spec)
+    if info is None:
+        err.print(f"no champion registered yet for sweep {spec.name!r} in {spec.tracking.mlflow_tracking_uri()}")
+        raise typer.Exit(1)
+    for key, value in info.items():
+        console.print(f"[bold]{key:>14}[/]: {value}", highlight=False)
+
+
+@app.command()
+def ui(
+    spec_path: SpecArg,
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you mean it")] = "127.0.0.1",
+) -> None:
+    """Serve the MLflow UI for the sweep's tracking store."""
+    spec = _load(spec_path)
+    uri = spec.tracking.mlflow_tracking_uri()
+    console.print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,62 @@
+"""Live progress of a sweep: per method, trials done/running/stopped/diverged/failed and the best so far.
+
+Derived from the tracker's trial records (no second copy of the state). In a terminal it is a live table;
+in logs (CI, `nohup`) one line per finished trial is printed as well.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from peftsweep.orchestrator.tracking import SweepTracker
+from peftsweep.spec import SweepSpec
+
+
+class SweepProgress:
+    def __init__(self, spec: SweepSpec, tracker: SweepTracker) -> None:
+        self.spec, self.tracker = spec, tracker
+        self.running: str | None = None
+        self.live: Any = None
+        self._announced: set[str] = set()
+
+    def table(self) -> Table:
+        metric = self.spec.search.metric
+        table = Table(title=f"{self.spec.name}: searching {self.running or '-'}", show_edge=False)
+        for col in ("method", "done", "running", "stopped", "diverged", "failed", f"best {metric}", "lr", "rank"):
+            table.add_column(col, justify="left" if col == "method" else "right")
+        for mspec in self.spec.methods:
+            trials = [t for t in self.tracker.trials.values() if t.method == mspec.name]
+            count = {s: sum(t.status == s for t in trials) for s in
+                     ("completed", "running", "stopped_early", "diverged", "failed")}
+            best = self.tracker.best_trial(mspec.name)
+            table.add_row(
+                mspec.name,
+                f"{count['completed'] + count['stopped_early'] + count['diverged'] + count['failed']}"
+                f"/{self.spec.search.trials_per_method}",
+                str(count["running"]),
+                str(count["stopped_early"]),
+                str(count["diverged"]),
+                str(count["failed"]),
+                f"{best.metrics[metric]:.3f}" if best else "-",
+                f"{best.lr:.2e}" if best else "-",
+                str(best.rank) if best else "-",
+            )
+        return table
+
+    def update(self) -> None:
+        """Called by the Tune callback on every trial event."""
+        if self.live is None:
+            return
+        metric = self.spec.search.metric
+        for t in self.tracker.trials.values():
+            if t.status != "running" and t.trial_id not in self._announced:
+                self._announced.add(t.trial_id)
+                value = t.metrics.get(metric)
+                shown = f"{value:.3f}" if value is not None else "-"
+                self.live.console.print(
+                    f"  {t.method:>8} trial {t.trial_id}: lr={t.lr:.2e} rank={t.rank} → {metric} {shown} "
+                    f"at step {int(t.metrics.get('step', 0))} ({t.status})"
+                )
+        self.live.update(self.table())

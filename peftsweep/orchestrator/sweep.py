@@ -1,0 +1,189 @@
+"""The driver of one sweep, top-down: check inputs → Ray → MLflow parent run → per method: Optuna study +
+Ray Tune (ASHA) → best trial per method → registry (champion) → final table.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from peftsweep import cluster
+from peftsweep.spec import SpecError, SweepSpec
+
+
+@dataclass
+class SweepResult:
+    """What `run` hands back: each method's best trial and the champion."""
+
+    experiment_id: str
+    sweep_run_id: str
+    registry_name: str | None
+    champion: str | None  # method name
+    best: dict[str, dict[str, float | int | str]]  # method -> lr, rank, metric, run_id
+    seconds: float
+
+
+def check_inputs(spec: SweepSpec) -> None:
+    """Everything that can be checked before any cluster work: data files, the base model's location."""
+    from peftsweep.trainables.data import DataError, check_task_files
+    from peftsweep.trainables.loop import resolve_base_model
+
+    try:
+        check_task_files(spec.data.task, spec.data.prompt_field, spec.data.completion_field)
+    except DataError as exc:
+        raise SpecError(f"data.task: {exc}") from None
+    base = resolve_base_model(spec.base_model)
+    looks_local = base.startswith((".", "/", "~")) or Path(base).exists()
+    if looks_local and not (Path(base).expanduser() / "config.json").is_file():
+        raise SpecError(f"base_model: {base} is not a model directory (no config.json)")
+
+
+def _check_resources(spec: SweepSpec) -> None:
+    res = spec.resources
+    have = cluster.cluster_resources()
+    need_cpu = res.trial_driver_cpus + res.workers_per_trial * res.cpus_per_worker
+    need_gpu = res.workers_per_trial * res.gpus_per_worker
+    if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
+        raise SpecError(
+            f"resources: one trial needs {need_cpu:g} CPU and {need_gpu:g} GPU but the cluster has "
+            f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU; lower workers_per_trial / "
+            "cpus_per_worker / gpus_per_worker"
+        )
+
+
+def _search_method(spec: SweepSpec, method: str, callbacks: list) -> None:
+    """One Optuna study (RDB storage) per method, searched by Ray Tune with ASHA among this method only."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from peftsweep.orchestrator.trial import tune_trial
+
+    mspec, search, res = spec.method(method), spec.search, spec.resources
+    space = {
+        "lr": optuna.distributions.FloatDistribution(mspec.lr_min, mspec.lr_max, log=True),
+        "rank": optuna.distributions.CategoricalDistribution(mspec.ranks),
+    }
+    # metric/mode go to the searcher itself: with a fixed space it never reads them from TuneConfig.
+    searcher = OptunaSearch(
+        space,
+        metric=search.metric,
+        mode=search.direction,
+        sampler=optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.n_startup_trials),
+        study_name=f"{spec.name}/{method}",
+        storage=optuna.storages.RDBStorage(spec.tracking.optuna_storage_url()),
+    )
+    scheduler = (
+        ASHAScheduler(
+            time_attr="step",
+            metric=search.metric,
+            mode=search.direction,
+            max_t=spec.training.max_steps,
+            grace_period=spec.training.eval_every * search.grace_period_evals,
+            reduction_factor=search.reduction_factor,
+        )
+        if search.early_stopping == "asha"
+        else FIFOScheduler()
+    )
+    trainable = tune.with_parameters(tune_trial, spec_json=spec.model_dump(mode="json"), method=method)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": res.trial_driver_cpus}),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=search.trials_per_method,
+            max_concurrent_trials=res.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{spec.name}-{method}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(spec.tracking.ray_storage / "tune"),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
+    tuner.fit()
+
+
+def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console | None = None) -> SweepResult:
+    """Run the whole sweep; nothing starts when the spec's inputs are bad."""
+    from peftsweep.orchestrator.progress import SweepProgress
+    from peftsweep.orchestrator.tracking import SweepTracker, TrialRecorder
+
+    console = console or Console()
+    t0 = time.monotonic()
+    check_inputs(spec)
+    spec.tracking.root.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]peftsweep[/] {spec.name}: {len(spec.methods)} method(s) × "
+                  f"{spec.search.trials_per_method} trials → {spec.tracking.root}")
+    started = cluster.connect(address)
+    tracker = None
+    try:
+        _check_resources(spec)
+        tracker = SweepTracker(spec)
+        progress = SweepProgress(spec, tracker)
+        with Live(progress.table(), console=console, refresh_per_second=2) as live:
+            progress.live = live
+            for mspec in spec.methods:
+                tracker.start_method(mspec.name)
+                progress.running = mspec.name
+                live.update(progress.table())
+                _search_method(spec, mspec.name, [TrialRecorder(tracker, mspec.name, progress.update)])
+                tracker.finish_method(mspec.name)
+            progress.running = None
+            live.update(progress.table())
+        bests = {m.name: b for m in spec.methods if (b := tracker.best_trial(m.name)) is not None}
+        registered = tracker.register(bests)
+        tracker.finish_sweep("FINISHED")
+    except BaseException:
+        if tracker is not None:
+            tracker.finish_sweep("FAILED")
+        raise
+    finally:
+        if started:
+            cluster.disconnect()
+
+    metric = spec.search.metric
+    result = SweepResult(
+        experiment_id=tracker.experiment_id,
+        sweep_run_id=tracker.sweep_run_id,
+        registry_name=registered[0] if registered else None,
+        champion=registered[1].method if registered else None,
+        best={m: {"lr": b.lr, "rank": b.rank, metric: b.metrics[metric], "run_id": b.run_id}
+              for m, b in bests.items()},
+        seconds=time.monotonic() - t0,
+    )
+    console.print(final_table(spec, tracker, result))
+    if result.champion:
+        console.print(f"champion: [bold]{result.champion}[/] → models:/{result.registry_name}@champion "
+                      f"({result.seconds:.0f} s)")
+    else:
+        console.print("[red]no trial produced an adapter: nothing registered[/]")
+    return result
+
+
+def final_table(spec: SweepSpec, tracker, result: SweepResult) -> Table:  # noqa: ANN001
+    metric = spec.search.metric
+    table = Table(title=f"sweep {spec.name}: best per method ({metric}, {spec.search.direction})")
+    for col in ("method", "best lr", "best rank", metric, "trials", "stopped early", "diverged", "failed"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for mspec in spec.methods:
+        trials = [t for t in tracker.trials.values() if t.method == mspec.name]
+        best = result.best.get(mspec.name)
+        mark = " ★" if mspec.name == result.champion else ""
+        table.add_row(
+            mspec.name + mark,
+            f"{best['lr']:.2e}" if best else "-",
+            str(best["rank"]) if best else "-",
+            f"{best[metric]:.3f}" if best else "-",
+            str(len(trials)),
+            str(sum(t.status == "stopped_early" for t in trials)),
+            str(sum(t.status == "diverged" for t in trials)),
+            str(sum(t.status == "failed" for t in trials)),
+        )
+    return table

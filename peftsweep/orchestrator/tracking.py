@@ -1,0 +1,251 @@
+"""Where a metric becomes an MLflow run: the driver-side writer of the sweep → method → trial run tree.
+
+The driver is MLflow's only writer (a Tune callback), so the embedded sqlite store never sees concurrent
+writers and workers on other nodes need no tracking access. The registry step turns each method's best
+trial into a model version and aliases the overall best as `champion`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+from peftsweep.spec import SweepSpec
+
+LEVEL_TAG = "peftsweep.level"  # sweep | method | trial
+METHOD_TAG = "peftsweep.method"
+OUTCOME_TAG = "peftsweep.outcome"  # completed | stopped_early | diverged | failed
+CHAMPION_ALIAS = "champion"
+ADAPTER_ARTIFACT = "adapter"
+TRIAL_METRICS = ("exact_match", "eval_loss", "train_loss", "lr", "diverged")
+
+
+@dataclass
+class TrialRecord:
+    """What the driver knows about one trial, for the final table and the registry."""
+
+    method: str
+    trial_id: str
+    run_id: str
+    lr: float
+    rank: int
+    status: str = "running"  # running | completed | stopped_early | diverged | failed
+    metrics: dict[str, float] = field(default_factory=dict)
+    has_adapter: bool = False
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+class SweepTracker:
+    """Opens the sweep's MLflow experiment and parent run, and one child run per method."""
+
+    def __init__(self, spec: SweepSpec) -> None:
+        self.spec = spec
+        self.client = MlflowClient(tracking_uri=spec.tracking.mlflow_tracking_uri())
+        self.experiment_id = self._experiment()
+        self.sweep_run_id = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={LEVEL_TAG: "sweep"},
+        ).info.run_id
+        self.client.log_dict(self.sweep_run_id, spec.model_dump(mode="json"), "spec.json")
+        self.method_runs: dict[str, str] = {}
+        self.trials: dict[str, TrialRecord] = {}
+
+    def _experiment(self) -> str:
+        existing = self.client.get_experiment_by_name(self.spec.name)
+        if existing is not None:
+            return existing.experiment_id
+        # An absolute artifact location: Ray changes workers' working directories.
+        artifacts = self.spec.tracking.artifact_root
+        artifacts.mkdir(parents=True, exist_ok=True)
+        return self.client.create_experiment(self.spec.name, artifact_location=artifacts.as_uri())
+
+    def start_method(self, method: str) -> str:
+        mspec = self.spec.method(method)
+        run_id = self.client.create_run(
+            self.experiment_id,
+            run_name=method,
+            tags={"mlflow.parentRunId": self.sweep_run_id, LEVEL_TAG: "method", METHOD_TAG: method},
+        ).info.run_id
+        params = {
+            "method": method,
+            "lr_min": mspec.lr_min,
+            "lr_max": mspec.lr_max,
+            "ranks": mspec.ranks,
+            "trials": self.spec.search.trials_per_method,
+        }
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        self.method_runs[method] = run_id
+        return run_id
+
+    def start_trial(self, method: str, trial_id: str, config: dict[str, Any]) -> TrialRecord:
+        mspec = self.spec.method(method)
+        run_id = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{method}-{trial_id}",
+            tags={
+                "mlflow.parentRunId": self.method_runs[method],
+                LEVEL_TAG: "trial",
+                METHOD_TAG: method,
+                "peftsweep.trial_id": trial_id,
+            },
+        ).info.run_id
+        params = {
+            "method": method,
+            "lr": config["lr"],
+            "rank": config["rank"],
+            "alpha": config["rank"] * mspec.alpha_over_rank,
+            "dropout": mspec.dropout,
+            "target_modules": mspec.target_modules,
+            "seed": self.spec.training.seed,
+            "max_steps": self.spec.training.max_steps,
+            "batch_size": self.spec.training.batch_size,
+            "zero_stage": self.spec.resources.zero_stage,
+            "workers": self.spec.resources.workers_per_trial,
+            **{f"option.{k}": v for k, v in mspec.options.items()},
+        }
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        record = TrialRecord(method, trial_id, run_id, float(config["lr"]), int(config["rank"]))
+        self.trials[trial_id] = record
+        return record
+
+    def log_result(self, record: TrialRecord, result: dict[str, Any]) -> None:
+        step = int(result.get("step", 0))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(result[k]), now, step) for k in TRIAL_METRICS if _finite(result.get(k))]
+        self.client.log_batch(record.run_id, metrics=metrics)
+        record.metrics = {k: float(result[k]) for k in TRIAL_METRICS if k in result}
+        record.metrics["step"] = step
+
+    def finish_trial(self, record: TrialRecord, checkpoint_path: str | None, error: str | None = None) -> None:
+        if error is not None:
+            record.status = "failed"
+            self.client.log_text(record.run_id, error, "error.txt")
+        elif record.metrics.get("diverged"):
+            record.status = "diverged"
+        elif record.metrics.get("step", 0) < self.spec.training.max_steps:
+            record.status = "stopped_early"
+        else:
+            record.status = "completed"
+        if checkpoint_path and Path(checkpoint_path).is_dir():
+            self.client.log_artifacts(record.run_id, checkpoint_path, ADAPTER_ARTIFACT)
+            record.has_adapter = True
+        self.client.set_tag(record.run_id, OUTCOME_TAG, record.status)
+        self.client.set_terminated(record.run_id, "FAILED" if error else "FINISHED")
+
+    def best_trial(self, method: str) -> TrialRecord | None:
+        """The method's best trial with an adapter, judged on its last reported metric."""
+        metric, sign = self.spec.search.metric, (1 if self.spec.search.direction == "max" else -1)
+        candidates = [
+            t
+            for t in self.trials.values()
+            if t.method == method and t.has_adapter and _finite(t.metrics.get(metric))
+        ]
+        return max(candidates, key=lambda t: sign * t.metrics[metric], default=None)
+
+    def finish_method(self, method: str) -> TrialRecord | None:
+        best = self.best_trial(method)
+        run_id = self.method_runs[method]
+        if best is not None:
+            self.client.log_batch(
+                run_id,
+                metrics=[Metric(f"best_{self.spec.search.metric}", best.metrics[self.spec.search.metric],
+                                int(time.time() * 1000), 0)],
+                params=[Param("best_lr", str(best.lr)), Param("best_rank", str(best.rank))],
+                tags=[RunTag("peftsweep.best_trial_run", best.run_id)],
+            )
+        self.client.set_terminated(run_id, "FINISHED")
+        return best
+
+    def register(self, bests: dict[str, TrialRecord]) -> tuple[str, TrialRecord] | None:
+        """One model version per method's best trial (alias `best-<method>`); the overall best → `champion`."""
+        if not bests:
+            return None
+        name = self.spec.tracking.registry_name or self.spec.name
+        if not self._model_exists(name):
+            self.client.create_registered_model(name, description=f"Best adapters of sweep {self.spec.name}")
+        metric, sign = self.spec.search.metric, (1 if self.spec.search.direction == "max" else -1)
+        versions: dict[str, str] = {}
+        for method, rec in bests.items():
+            version = self.client.create_model_version(
+                name,
+                source=f"runs:/{rec.run_id}/{ADAPTER_ARTIFACT}",
+                run_id=rec.run_id,
+                tags={
+                    METHOD_TAG: method,
+                    "lr": str(rec.lr),
+                    "rank": str(rec.rank),
+                    metric: str(rec.metrics[metric]),
+                    "base_model": self.spec.base_model,
+                },
+            ).version
+            self.client.set_registered_model_alias(name, f"best-{method}", version)
+            versions[method] = version
+        champion = max(bests.values(), key=lambda t: sign * t.metrics[metric])
+        self.client.set_registered_model_alias(name, CHAMPION_ALIAS, versions[champion.method])
+        summary = {
+            "champion": {"method": champion.method, "version": versions[champion.method]},
+            "methods": {m: {"lr": r.lr, "rank": r.rank, metric: r.metrics[metric], "run_id": r.run_id,
+                            "version": versions[m]} for m, r in bests.items()},
+        }
+        self.client.log_text(self.sweep_run_id, json.dumps(summary, indent=2), "summary.json")
+        self.client.set_tag(self.sweep_run_id, "peftsweep.champion_method", champion.method)
+        return name, champion
+
+    def _model_exists(self, name: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            return False
+        return True
+
+    def finish_sweep(self, status: str = "FINISHED") -> None:
+        for trial in self.trials.values():  # no RUNNING leftovers, whatever happened
+            if trial.status == "running":
+                self.client.set_terminated(trial.run_id, "KILLED")
+        for run_id in self.method_runs.values():
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, "KILLED")
+        self.client.set_terminated(self.sweep_run_id, status)
+
+
+class TrialRecorder(Callback):
+    """Tune callback on the driver: each Tune trial becomes an MLflow run under its method's run."""
+
+    def __init__(self, tracker: SweepTracker, method: str, on_change: Any = None) -> None:
+        self.tracker, self.method = tracker, method
+        self.on_change = on_change or (lambda: None)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.tracker.start_trial(self.method, trial.trial_id, trial.config)
+        self.on_change()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.tracker.log_result(self.tracker.trials[trial.trial_id], result)
+        self.on_change()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        record = self.tracker.trials[trial.trial_id]
+        self.tracker.finish_trial(record, (trial.last_result or {}).get("checkpoint_path"))
+        self.on_change()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        record = self.tracker.trials[trial.trial_id]
+        error = trial.get_error()
+        self.tracker.finish_trial(
+            record, (trial.last_result or {}).get("checkpoint_path"), error=str(error or "trial failed")
+        )
+        self.on_change()

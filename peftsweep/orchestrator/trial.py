@@ -1,0 +1,51 @@
+"""The Tune function trainable: one Tune trial = one Ray Train `TorchTrainer` job (Ray Train V2 pattern).
+
+The trainer's per-worker reports are forwarded to Tune by `TuneReportCallback`, so ASHA and the Optuna
+searcher see every eval point; the adapter checkpoint path arrives as `result["checkpoint_path"]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peftsweep.spec import SweepSpec
+
+
+def tune_trial(config: dict[str, Any], *, spec_json: dict[str, Any], method: str) -> None:
+    """Build and fit the trial's TorchTrainer with the params Optuna suggested (`lr`, `rank`)."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from peftsweep.trainables.loop import train_loop_per_worker
+
+    spec = SweepSpec.model_validate(spec_json)
+    res = spec.resources
+    per_worker = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker:
+        per_worker["GPU"] = res.gpus_per_worker
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": spec_json,
+            "method": method,
+            "lr": float(config["lr"]),
+            "rank": int(config["rank"]),
+            "seed": spec.training.seed,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.workers_per_trial,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker=per_worker,
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}",
+            storage_path=str(spec.tracking.ray_storage / "train"),
+            callbacks=[TuneReportCallback()],
+            # Adapter-only checkpoints; the driver logs the last one to MLflow when the trial ends.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    trainer.fit()

@@ -1,0 +1,82 @@
+"""The method registry: plain data plus an `apply` callable, importable without torch.
+
+Spec validation and `peftsweep --help` import this, so nothing here may import torch/peft/transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+PAPER_LR_RANGE = (1e-5, 1e-2)  # arXiv 2602.04998 protocol: the same log-uniform range for every LoRA-family method
+# r ≤ 16 keeps every adapter well under the built-in tiny model's width (hidden 64) and trials cheap on CPU;
+# paper-scale specs pass their own ranks.
+DEFAULT_RANKS = (4, 8, 16)
+
+
+@dataclass(frozen=True)
+class AdapterHParams:
+    """One trial's adapter hyper-parameters, already resolved by the spec (which owns the user defaults)."""
+
+    rank: int
+    alpha: float  # lora_alpha; the spec passes rank * alpha_over_rank (paper: alpha = r)
+    dropout: float = 0.0  # paper protocol: no adapter dropout
+    target_modules: str | list[str] = "all-linear"  # paper protocol: every linear projection, not lm_head
+    options: Mapping[str, Any] = field(default_factory=dict)  # method knobs; empty means the method's defaults
+
+
+@dataclass(frozen=True)
+class Method:
+    """How to build one PEFT method, plus its default search space."""
+
+    name: str
+    summary: str  # one line, shown by the CLI
+    lr_range: tuple[float, float]  # default log-uniform LR search range
+    ranks: tuple[int, ...]  # default rank choices
+    options: Mapping[str, Any]  # knob defaults; a spec's unknown knobs are rejected against these keys
+    # apply(base_model, hparams, workdir) -> PeftModel with only adapter params trainable. Inits that mutate the
+    # base weights also write the initial-adapter snapshot to workdir / "initial" (see export_adapter).
+    apply: Callable[[PreTrainedModel, AdapterHParams, Path], PeftModel]
+
+    def __post_init__(self) -> None:
+        # Read-only view, so one caller cannot change another's defaults through the shared registry entry.
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    def merged_options(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """The method's defaults updated by `overrides`; unknown knobs are an error, not silently ignored."""
+        unknown = sorted(set(overrides) - set(self.options))
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise ValueError(f"unknown option(s) {unknown} for method {self.name!r} (known: {known})")
+        return {**self.options, **overrides}
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method under its name; a duplicate name is a bug (two modules claiming one method)."""
+    if method.name in _METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method called `name`; the KeyError lists the known names so typos are easy to fix."""
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r} (known: {', '.join(method_names())})") from None
+
+
+def method_names() -> list[str]:
+    """All registered method names, sorted."""
+    return sorted(_METHODS)

@@ -1,0 +1,238 @@
+"""The sweep spec: a YAML file validated by pydantic models.
+
+Every default of a sweep lives here, once, with its reason. Validation errors name the field path
+(``methods.1.lr_max: …``) and nothing starts on a bad spec. Heavy libraries are not imported here, so
+``peftsweep --help`` and validation stay fast.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from peftsweep import search_spaces
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message lists every problem with its field path."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Strict):
+    """Where the task's examples come from."""
+
+    task: str = "builtin:arith-sub"  # the built-in CPU task on which LR matters; else a dir with train/eval.jsonl
+    prompt_field: str = "prompt"  # JSON field holding the model input
+    completion_field: str = "completion"  # JSON field holding the expected answer (loss is on it only)
+    max_eval_examples: PositiveInt = 200  # greedy-generation eval cost per eval point; 200 → 0.5 % resolution
+
+
+class MethodSpec(_Strict):
+    """One PEFT method and its search space; unset ranges fall back to the method's registry defaults."""
+
+    name: str
+    lr_min: PositiveFloat | None = None  # None: the method's default range (search_spaces registry)
+    lr_max: PositiveFloat | None = None
+    ranks: list[PositiveInt] | None = None  # None: the method's default rank choices
+    alpha_over_rank: PositiveFloat = 1.0  # paper protocol: alpha = r
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # paper protocol: no adapter dropout
+    target_modules: str | list[str] = "all-linear"  # paper protocol: every linear projection, not lm_head
+    options: dict[str, Any] = Field(default_factory=dict)  # method-specific knobs, checked against the registry
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        # `methods: [lora, pissa]` is shorthand for `[{name: lora}, {name: pissa}]`.
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _fill_from_registry(self) -> MethodSpec:
+        try:
+            method = search_spaces.get_method(self.name)
+        except KeyError as exc:
+            raise ValueError(str(exc).strip("'\"")) from None
+        unknown = sorted(set(self.options) - set(method.options))
+        if unknown:
+            known = ", ".join(sorted(method.options)) or "none"
+            raise ValueError(f"unknown option(s) {unknown} for method {self.name!r} (known: {known})")
+        lr_min = self.lr_min if self.lr_min is not None else method.lr_range[0]
+        lr_max = self.lr_max if self.lr_max is not None else method.lr_range[1]
+        if lr_min >= lr_max:
+            raise ValueError(f"lr_min ({lr_min:g}) must be below lr_max ({lr_max:g})")
+        ranks = self.ranks if self.ranks is not None else list(method.ranks)
+        if not ranks:
+            raise ValueError("ranks must list at least one rank")
+        object.__setattr__(self, "lr_min", lr_min)
+        object.__setattr__(self, "lr_max", lr_max)
+        object.__setattr__(self, "ranks", sorted(set(ranks)))
+        object.__setattr__(self, "options", {**method.options, **self.options})
+        return self
+
+
+class SearchSpec(_Strict):
+    """How each method's study searches."""
+
+    trials_per_method: PositiveInt = 8  # TPE needs a handful of trials per method to beat random search
+    seed: int = 0  # seeds each method's TPE sampler, so a sweep is repeatable
+    metric: Literal["exact_match", "eval_loss"] = "exact_match"  # what the built-in task is judged by
+    mode: Literal["max", "min"] | None = None  # None: max for exact_match, min for eval_loss
+    early_stopping: Literal["asha", "none"] = "asha"  # ASHA stops hopeless LRs after a grace period
+    grace_period_evals: PositiveInt = 1  # ASHA compares trials only after this many eval points
+    reduction_factor: float = Field(2.0, gt=1.0)  # ASHA keeps the top 1/reduction_factor at each rung
+    n_startup_trials: PositiveInt = 3  # random trials before TPE models the space (small budgets)
+
+    @property
+    def direction(self) -> Literal["max", "min"]:
+        return self.mode or ("max" if self.metric == "exact_match" else "min")
+
+
+class TrainingSpec(_Strict):
+    """The per-trial training recipe (shared by every method, so comparisons are fair)."""
+
+    max_steps: PositiveInt = 200  # built-in task: long enough to learn, short enough not to saturate
+    batch_size: PositiveInt = 32  # per worker; the built-in task is tuned for 32
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)  # paper protocol: 3 % warmup
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # paper protocol: cosine decay
+    weight_decay: NonNegativeFloat = 0.0  # paper protocol
+    max_grad_norm: NonNegativeFloat = 1.0  # HF Trainer default, used by the paper's code; 0 disables clipping
+    max_length: PositiveInt = 512  # paper protocol; tokens beyond are truncated
+    eval_every: PositiveInt = 100  # eval points are what ASHA compares; each costs a report + checkpoint
+    seed: int = 0  # seeds data order and adapter init of every trial
+    divergence_factor: PositiveFloat = 10.0  # loss above this × the first loss (or NaN/inf) → diverged, stop
+
+    @model_validator(mode="after")
+    def _eval_fits(self) -> TrainingSpec:
+        if self.eval_every > self.max_steps:
+            raise ValueError(f"eval_every ({self.eval_every}) must not exceed max_steps ({self.max_steps})")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    """What one trial gets, and how many run at once."""
+
+    workers_per_trial: PositiveInt = 1  # Ray Train workers (data parallel) per trial
+    cpus_per_worker: PositiveFloat = 1.0  # fractional values let concurrent trials fit small machines
+    gpus_per_worker: NonNegativeFloat = 0.0  # 0: CPU training (gloo); >0 needs CUDA on the workers
+    max_concurrent_trials: PositiveInt = 2  # trials of one method running at once
+    trial_driver_cpus: float = Field(0.05, gt=0.0)  # the Tune trial that drives Ray Train; Tune rejects 0
+    zero_stage: int = Field(2, ge=0, le=3)  # paper protocol: DeepSpeed ZeRO-2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 on CPU (bf16 is ~2× slower there)
+
+    @model_validator(mode="after")
+    def _precision_fits_device(self) -> ResourcesSpec:
+        if self.precision == "fp16" and self.gpus_per_worker == 0:
+            raise ValueError("precision 'fp16' needs GPUs (gpus_per_worker > 0); use fp32 or bf16 on CPU")
+        return self
+
+
+class TrackingSpec(_Strict):
+    """Where a sweep writes: everything under `root` by default, like MLflow's `mlruns/`."""
+
+    root: Path = Path("peftsweep-runs")  # relative to the working directory; made absolute at load
+    mlflow_uri: str | None = None  # None: sqlite:///<root>/mlflow.db (embedded, single writer: the driver)
+    registry_name: str | None = None  # None: the sweep name
+    optuna_storage: str | None = None  # None: sqlite:///<root>/optuna.db (one study per method)
+
+    def mlflow_tracking_uri(self) -> str:
+        return self.mlflow_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    def optuna_storage_url(self) -> str:
+        return self.optuna_storage or f"sqlite:///{self.root / 'optuna.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.root / "ray"
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class SweepSpec(_Strict):
+    """A whole sweep: which base, which data, which methods, how to search, train, run and track."""
+
+    name: str
+    base_model: str = "builtin:tiny-arith"  # built-in pretrained tiny Llama; else a local dir or a hub id
+    data: DataSpec = DataSpec()
+    methods: list[MethodSpec] = Field(min_length=1)
+    search: SearchSpec = SearchSpec()
+    training: TrainingSpec = TrainingSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_safe(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (it names studies, runs and directories)")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _unique_methods(cls, value: list[MethodSpec]) -> list[MethodSpec]:
+        names = [m.name for m in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"method(s) listed twice: {dupes}")
+        return value
+
+    def method(self, name: str) -> MethodSpec:
+        return next(m for m in self.methods if m.name == name)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid sweep spec"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) -> SweepSpec:
+    """Validate a spec mapping; relative tracking/data paths resolve against `base_dir` (default: cwd)."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a sweep spec must be a mapping, got {type(data).__name__}")
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_errors(exc, source)) from None
+    base = (base_dir or Path.cwd()).resolve()
+    root = spec.tracking.root if spec.tracking.root.is_absolute() else base / spec.tracking.root
+    tracking = spec.tracking.model_copy(update={"root": root.resolve()})
+    return spec.model_copy(update={"tracking": tracking})
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a YAML spec file. Tracking paths are relative to the working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    return parse_spec(data, source=str(path))
