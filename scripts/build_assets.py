@@ -25,7 +25,9 @@ from peftsweep.trainables import builtin  # noqa: E402
 def main() -> None:
     """Build the task files, then pretrain and save the base model; print sizes and held-out accuracy."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0, help="model-init and data-order seed (0: the shipped one)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="model-init and data-order seed (0: the shipped one)"
+    )
     parser.add_argument("--skip-model", action="store_true", help="only rewrite the task files (seconds)")
     args = parser.parse_args()
 

@@ -37,7 +37,10 @@ def check_inputs(spec: SweepSpec) -> None:
         check_task_files(spec.data.task, spec.data.prompt_field, spec.data.completion_field)
     except DataError as exc:
         raise SpecError(f"data.task: {exc}") from None
-    base = resolve_base_model(spec.base_model)
+    try:
+        base = resolve_base_model(spec.base_model)
+    except FileNotFoundError as exc:
+        raise SpecError(f"base_model: {exc}") from None
     looks_local = base.startswith((".", "/", "~")) or Path(base).exists()
     if looks_local and not (Path(base).expanduser() / "config.json").is_file():
         raise SpecError(f"base_model: {base} is not a model directory (no config.json)")

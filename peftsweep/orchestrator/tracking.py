@@ -229,6 +229,11 @@ class TrialRecorder(Callback):
         self.tracker, self.method = tracker, method
         self.on_change = on_change or (lambda: None)
 
+    def __reduce__(self) -> tuple:
+        # Tune pickles its RunConfig (callbacks included) into the experiment state. The MLflow client and
+        # the live display only make sense in this driver process, so a pickled copy is a detached no-op.
+        return (_DetachedCallback, ())
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.tracker.start_trial(self.method, trial.trial_id, trial.config)
         self.on_change()
@@ -249,3 +254,7 @@ class TrialRecorder(Callback):
             record, (trial.last_result or {}).get("checkpoint_path"), error=str(error or "trial failed")
         )
         self.on_change()
+
+
+class _DetachedCallback(Callback):
+    """What a pickled TrialRecorder becomes outside the driver that created it: records nothing."""

@@ -1,8 +1,9 @@
 """Registry of PEFT methods: name → how to build the adapter + its default search space.
 
-Importing this package must not import torch/peft/transformers (spec validation and the CLI import it): method
-modules import those inside their functions. Every public non-underscore module here is a method that registers
-itself on import, so adding a method is one new module (plus one row in tests/search_spaces/test_methods.py).
+Importing this package must not import torch/peft/transformers (spec validation and the CLI import it):
+method modules import those inside their functions. Every module here without a leading underscore is a
+method that registers itself on import, so adding a method is one new module (plus one row in
+tests/search_spaces/test_methods.py).
 """
 
 from __future__ import annotations

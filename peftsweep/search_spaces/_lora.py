@@ -22,20 +22,20 @@ INITIAL_DIRNAME = "initial"
 def build_lora(
     model: PreTrainedModel, hparams: AdapterHParams, workdir: Path, *, mutates_base: bool, **config: Any
 ) -> PeftModel:
-    """Wrap `model` in a LoRA PeftModel; `config` adds method-specific LoraConfig fields (use_dora, init ...)."""
+    """Wrap `model` in a LoRA PeftModel; `config` adds method-specific LoraConfig fields (use_dora, ...)."""
     from peft import LoraConfig, get_peft_model
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if not mutates_base and (workdir / INITIAL_DIRNAME).exists():
         # export_adapter would treat this plain adapter as a mutated-init one and write a wrong delta.
-        raise FileExistsError(f"{workdir / INITIAL_DIRNAME} is left from a mutating init; use a fresh workdir")
+        raise FileExistsError(f"{workdir / INITIAL_DIRNAME} is left from a mutating init; use a new workdir")
     causal_lm = type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     lora_config = LoraConfig(
         r=hparams.rank,
         lora_alpha=hparams.alpha,
         lora_dropout=hparams.dropout,
         target_modules=hparams.target_modules,
-        # CAUSAL_LM makes from_pretrained return PeftModelForCausalLM (generate, label handling); None otherwise.
+        # CAUSAL_LM: from_pretrained then returns PeftModelForCausalLM (generate, labels); None otherwise.
         task_type="CAUSAL_LM" if causal_lm else None,
         **config,
     )
@@ -62,8 +62,8 @@ def export_adapter(model: PeftModel, out_dir: Path, workdir: Path) -> None:
 
     Mutated-init adapters (a snapshot in workdir/"initial") are saved as a rank-2r plain LoRA delta on the
     ORIGINAL base, since a fresh base lacks the residual weights. PEFT's conversion loads the snapshot with
-    load_adapter, which switches the whole model to eval(); each module's train/eval mode is restored here because
-    the training loop may go on training after a checkpoint export.
+    load_adapter, which switches the whole model to eval(); each module's train/eval mode is restored here
+    because the training loop may go on training after a checkpoint export.
     """
     initial = workdir / INITIAL_DIRNAME
     modes = [(module, module.training) for module in model.modules()]

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel
 
-PAPER_LR_RANGE = (1e-5, 1e-2)  # arXiv 2602.04998 protocol: the same log-uniform range for every LoRA-family method
+PAPER_LR_RANGE = (1e-5, 1e-2)  # arXiv 2602.04998 protocol: one log-uniform range for all LoRA-family methods
 # r ≤ 16 keeps every adapter well under the built-in tiny model's width (hidden 64) and trials cheap on CPU;
 # paper-scale specs pass their own ranks.
 DEFAULT_RANKS = (4, 8, 16)
@@ -29,7 +29,7 @@ class AdapterHParams:
     alpha: float  # lora_alpha; the spec passes rank * alpha_over_rank (paper: alpha = r)
     dropout: float = 0.0  # paper protocol: no adapter dropout
     target_modules: str | list[str] = "all-linear"  # paper protocol: every linear projection, not lm_head
-    options: Mapping[str, Any] = field(default_factory=dict)  # method knobs; empty means the method's defaults
+    options: Mapping[str, Any] = field(default_factory=dict)  # method knobs; empty: the method's defaults
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class Method:
     lr_range: tuple[float, float]  # default log-uniform LR search range
     ranks: tuple[int, ...]  # default rank choices
     options: Mapping[str, Any]  # knob defaults; a spec's unknown knobs are rejected against these keys
-    # apply(base_model, hparams, workdir) -> PeftModel with only adapter params trainable. Inits that mutate the
-    # base weights also write the initial-adapter snapshot to workdir / "initial" (see export_adapter).
+    # apply(base_model, hparams, workdir) -> PeftModel with only adapter params trainable. Inits that mutate
+    # the base weights also write the initial-adapter snapshot to workdir / "initial" (see export_adapter).
     apply: Callable[[PreTrainedModel, AdapterHParams, Path], PeftModel]
 
     def __post_init__(self) -> None:

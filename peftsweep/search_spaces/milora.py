@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def milora_init(model: PeftModel, adapter: str = "default") -> None:
-    """Per LoRA layer: A, B ← the minor r singular triplets of W (split as √S on both sides), W ← W − s·B·A."""
+    """Per LoRA layer: A, B ← the minor r singular triplets of W (√S on each side), W ← W − s·B·A."""
     import torch
     from peft.tuners.lora import Linear, LoraLayer
     from peft.utils.other import transpose
@@ -36,8 +36,8 @@ def milora_init(model: PeftModel, adapter: str = "default") -> None:
             r, scaling = layer.r[adapter], layer.scaling[adapter]
             weight = transpose(base_weight.to(torch.float32), layer.fan_in_fan_out)  # (out, in)
             if r > min(weight.shape):
-                raise ValueError(f"MiLoRA rank {r} exceeds the smaller side of a {tuple(weight.shape)} weight")
-            u, s, vh = torch.linalg.svd(weight, full_matrices=False)  # s descending: the minor triplets are last
+                raise ValueError(f"MiLoRA rank {r} exceeds the smaller side of weight {tuple(weight.shape)}")
+            u, s, vh = torch.linalg.svd(weight, full_matrices=False)  # s descending: minor triplets last
             sqrt_s = torch.sqrt(s[-r:] / scaling)
             lora_a = sqrt_s[:, None] * vh[-r:]  # diag(√S_r) @ Vh_r
             lora_b = u[:, -r:] * sqrt_s[None, :]  # U_r @ diag(√S_r)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def init_name(niter: int | None) -> str:
     """PEFT's init_lora_weights value: None → exact SVD ("pissa"), n ≥ 0 → randomized SVD with n iterations.
 
-    niter=0 stays randomized (PEFT accepts it) rather than meaning "exact", so every integer means the same thing.
+    niter=0 stays randomized (PEFT accepts it) rather than meaning "exact": every int means the same thing.
     """
     if niter is None:
         return "pissa"

@@ -25,7 +25,7 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # pad first so that id 0 is padding, as embedding code usually assumes
-CHARS = list("0123456789") + list("+-=") + [" "]  # digits and operators of the tasks; space for readable input
+CHARS = list("0123456789") + list("+-=") + [" "]  # digits and operators of the tasks; space for readability
 VOCAB = SPECIAL_TOKENS + CHARS
 
 MAX_LENGTH = 32  # longest sequence the tiny model sees: BOS + 6 prompt + 3 answer + EOS = 11, with headroom
@@ -67,7 +67,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def addition_examples() -> list[dict[str, str]]:
     """All 10,000 zero-padded 2-digit additions ``aa+bb=`` -> ``ccc`` (the pretraining corpus)."""
-    return [{"prompt": f"{a:02d}+{b:02d}=", "completion": f"{a + b:03d}"} for a in range(100) for b in range(100)]
+    return [
+        {"prompt": f"{a:02d}+{b:02d}=", "completion": f"{a + b:03d}"} for a in range(100) for b in range(100)
+    ]
 
 
 def subtraction_examples() -> list[dict[str, str]]:
@@ -77,7 +79,9 @@ def subtraction_examples() -> list[dict[str, str]]:
     base must be *adapted*, not just prompted.
     """
     return [
-        {"prompt": f"{a:02d}-{b:02d}=", "completion": f"{a - b:03d}"} for a in range(100) for b in range(a + 1)
+        {"prompt": f"{a:02d}-{b:02d}=", "completion": f"{a - b:03d}"}
+        for a in range(100)
+        for b in range(a + 1)
     ]
 
 
@@ -154,7 +158,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> Any:
 
     return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,  # smallest width that learns 2-digit addition quickly and still has room for rank 8-16
+        hidden_size=64,  # small width that learns 2-digit addition fast and still has room for rank 8-16
         intermediate_size=256,  # the usual 4x hidden
         num_hidden_layers=2,  # enough depth for carry propagation; more only slows CPU trials
         num_attention_heads=4,  # head_dim 16

@@ -39,10 +39,14 @@ def resolve_task_dir(task: str) -> Path:
     else:
         path = Path(task).expanduser().resolve()  # absolute: Ray workers run in another working directory
         if not path.is_dir():
-            raise DataError(f"{path}: task directory not found (expected a directory with train.jsonl, eval.jsonl)")
+            raise DataError(
+                f"{path}: task directory not found (expected a directory with train.jsonl, eval.jsonl)"
+            )
     for split in SPLITS:
         if not (path / f"{split}.jsonl").is_file():
-            raise DataError(f"{path / f'{split}.jsonl'}: file not found (a task directory needs train.jsonl, eval.jsonl)")
+            raise DataError(
+                f"{path / f'{split}.jsonl'}: file not found (a task directory needs train.jsonl, eval.jsonl)"
+            )
     return path
 
 
@@ -80,10 +84,14 @@ def _check_file(path: Path, prompt_field: str, completion_field: str) -> int:
     return rows
 
 
-def check_task_files(task: str, prompt_field: str = "prompt", completion_field: str = "completion") -> dict[str, int]:
+def check_task_files(
+    task: str, prompt_field: str = "prompt", completion_field: str = "completion"
+) -> dict[str, int]:
     """Validate both splits of ``task`` without torch or datasets; return ``{"train": n, "eval": n}``."""
     task_dir = resolve_task_dir(task)
-    return {split: _check_file(task_dir / f"{split}.jsonl", prompt_field, completion_field) for split in SPLITS}
+    return {
+        split: _check_file(task_dir / f"{split}.jsonl", prompt_field, completion_field) for split in SPLITS
+    }
 
 
 def load_split(
@@ -111,8 +119,10 @@ def load_split(
     return ds
 
 
-def _encode(tokenizer: Any, prompt: list[int], completion: list[int], max_length: int) -> dict[str, list[int]]:
-    """BOS + prompt + completion + EOS, with the loss masked on BOS and prompt; truncated to ``max_length``."""
+def _encode(
+    tokenizer: Any, prompt: list[int], completion: list[int], max_length: int
+) -> dict[str, list[int]]:
+    """BOS + prompt + completion + EOS, the loss masked on BOS and prompt; truncated to ``max_length``."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     input_ids = bos + prompt + completion + eos
@@ -143,7 +153,7 @@ def tokenize_for_training(ds: datasets.Dataset, tokenizer: Any, max_length: int)
 
 
 def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: ``input_ids`` with ``pad_id``, ``attention_mask`` 1/0, ``labels`` -100 at padding."""
+    """Right-pad a batch: ``input_ids`` by ``pad_id``, ``attention_mask`` 1/0, ``labels`` -100 in padding."""
     import torch
 
     width = max(len(f["input_ids"]) for f in features)

@@ -46,13 +46,14 @@ def evaluate(
     model.eval()
     try:
         with torch.no_grad():
-            answers = _greedy(model, tokenizer, [bos + p for p in prompts], batch_size, max_new_tokens, device)
+            inputs = [bos + p for p in prompts]
+            answers = _greedy(model, tokenizer, inputs, batch_size, max_new_tokens, device)
             loss_sum, n_tokens = 0.0, 0
             for start in range(0, len(rows), batch_size):
-                feats = [
-                    _encode(tokenizer, p, c, max_length=1 << 30)
-                    for p, c in zip(prompts[start : start + batch_size], completions[start : start + batch_size])
-                ]
+                chunk = zip(
+                    prompts[start : start + batch_size], completions[start : start + batch_size], strict=True
+                )
+                feats = [_encode(tokenizer, p, c, max_length=1 << 30) for p, c in chunk]  # no truncation
                 batch = {k: v.to(device) for k, v in collate(feats, tokenizer.pad_token_id).items()}
                 n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # HF shifts labels by one
                 loss_sum += float(model(**batch).loss) * n  # the model's loss is the mean over these n tokens

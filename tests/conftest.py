@@ -1,0 +1,23 @@
+"""Shared fixtures: one Ray cluster per test session (starting Ray costs seconds; 2 cores in CI)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """The embedded local Ray of a sweep, started once; `peftsweep run` joins it instead of starting its own."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, logging_level="WARNING")
+    yield
+    ray.shutdown()

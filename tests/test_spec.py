@@ -1,0 +1,94 @@
+"""The spec: defaults, shorthand, and errors that name the field path before anything starts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from peftsweep.cli import app
+from peftsweep.spec import SpecError, load_spec, parse_spec
+from tests.conftest import EXAMPLES
+
+MINIMAL = {"name": "t", "methods": ["lora"]}
+
+
+def _errors(data: dict) -> str:
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    return str(info.value)
+
+
+def test_minimal_spec_gets_defaults_from_one_place(tmp_path: Path) -> None:
+    spec = parse_spec(MINIMAL, base_dir=tmp_path)
+    lora = spec.method("lora")
+    assert (lora.lr_min, lora.lr_max) == (1e-5, 1e-2)  # registry default: paper protocol
+    assert lora.ranks and lora.alpha_over_rank == 1.0 and lora.dropout == 0.0
+    assert spec.tracking.root == tmp_path / "peftsweep-runs"
+    assert spec.tracking.mlflow_tracking_uri() == f"sqlite:///{tmp_path}/peftsweep-runs/mlflow.db"
+    assert spec.search.direction == "max"
+
+
+@pytest.mark.parametrize(
+    ("mutation", "expected"),
+    [
+        ({"methods": ["lora"], "trainng": {}}, "trainng: unknown key"),
+        ({"methods": [{"name": "lora", "lr_min": 1e-2, "lr_max": 1e-4}]}, "methods.0: lr_min (0.01) must be below"),
+        ({"methods": ["lora", "nosuchmethod"]}, "methods.1: unknown method 'nosuchmethod'"),
+        ({"methods": [{"name": "pissa", "options": {"nitre": 2}}]}, "methods.0: unknown option(s) ['nitre']"),
+        ({"methods": [{"name": "lora", "ranks": [0]}]}, "methods.0.ranks.0"),
+        ({"methods": []}, "methods: List should have at least 1 item"),
+        ({"methods": ["lora", "lora"]}, "methods: method(s) listed twice: ['lora']"),
+        ({"methods": ["lora"], "training": {"max_steps": 10, "eval_every": 20}}, "training: eval_every (20)"),
+        ({"methods": ["lora"], "training": {"batch_size": "big"}}, "training.batch_size"),
+        ({"methods": ["lora"], "resources": {"zero_stage": 4}}, "resources.zero_stage"),
+        ({"methods": ["lora"], "resources": {"precision": "fp16"}}, "fp16' needs GPUs"),
+        ({"methods": ["lora"], "search": {"trials_per_method": -1}}, "search.trials_per_method"),
+    ],
+)
+def test_bad_values_name_the_field(mutation: dict, expected: str) -> None:
+    assert expected in _errors({"name": "t", **mutation})
+
+
+def test_bad_name_and_missing_name() -> None:
+    assert "name: use letters" in _errors({"name": "a b/c", "methods": ["lora"]})
+    assert "name: Field required" in _errors({"methods": ["lora"]})
+
+
+def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="bad.yaml: not valid YAML"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_examples_validate(example: Path) -> None:
+    spec = load_spec(example)
+    assert spec.methods
+
+
+def test_cli_validate_rejects_bad_spec_before_starting_anything(tmp_path: Path) -> None:
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "t", "methods": [{"name": "lora", "lr_max": -1}]}))
+    result = CliRunner().invoke(app, ["run", str(spec)])
+    assert result.exit_code == 2
+    assert "methods.0.lr_max" in result.output
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+def test_cli_validate_names_bad_data_file_and_row(tmp_path: Path) -> None:
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "train.jsonl").write_text('{"prompt": "1-1=", "completion": "000"}\n{"prompt": "2-1="}\n')
+    (task / "eval.jsonl").write_text('{"prompt": "1-1=", "completion": "000"}\n')
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "t", "methods": ["lora"], "data": {"task": str(task)}}))
+    result = CliRunner().invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 2
+    assert "train.jsonl:2" in result.output and "completion" in result.output
