@@ -18,8 +18,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
-err = Console(stderr=True)
+# Logs and CI are not terminals: keep tables readable there instead of rich's 80-column default.
+console = Console() if sys.stdout.isatty() else Console(width=120)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=120)
 
 SpecArg = Annotated[Path, typer.Argument(help="Sweep spec (YAML), e.g. examples/quickstart.yaml")]
 

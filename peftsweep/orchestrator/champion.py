@@ -35,12 +35,11 @@ def champion_info(spec: SweepSpec) -> dict[str, Any] | None:
 
 
 def download_champion(spec: SweepSpec, dst: str) -> str:
-    """Download the champion adapter into `dst` (for `PeftModel.from_pretrained`)."""
-    import mlflow.artifacts
+    """Download the champion adapter into `dst`, ready for `PeftModel.from_pretrained(base, path)`."""
+    from mlflow.tracking import MlflowClient
 
-    name = spec.tracking.registry_name or spec.name
-    return mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{name}@{CHAMPION_ALIAS}",
-        dst_path=dst,
-        tracking_uri=spec.tracking.mlflow_tracking_uri(),
-    )
+    client = MlflowClient(tracking_uri=spec.tracking.mlflow_tracking_uri())
+    version = client.get_model_version_by_alias(spec.tracking.registry_name or spec.name, CHAMPION_ALIAS)
+    # The version's source is runs:/<run>/adapter; resolve it through our client (the module-level
+    # download helper would consult the default registry URI, not this sweep's store).
+    return client.download_artifacts(version.run_id, "adapter", dst)

@@ -4,6 +4,7 @@ Ray Tune (ASHA) → best trial per method → registry (champion) → final tabl
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ def _check_resources(spec: SweepSpec) -> None:
 
 def _search_method(spec: SweepSpec, method: str, callbacks: list) -> None:
     """One Optuna study (RDB storage) per method, searched by Ray Tune with ASHA among this method only."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing; we show progress
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -68,6 +70,7 @@ def _search_method(spec: SweepSpec, method: str, callbacks: list) -> None:
 
     from peftsweep.orchestrator.trial import tune_trial
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     mspec, search, res = spec.method(method), spec.search, spec.resources
     space = {
         "lr": optuna.distributions.FloatDistribution(mspec.lr_min, mspec.lr_max, log=True),
@@ -140,6 +143,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console |
                 tracker.finish_method(mspec.name)
             progress.running = None
             live.update(progress.table())
+        console.print()
         bests = {m.name: b for m in spec.methods if (b := tracker.best_trial(m.name)) is not None}
         registered = tracker.register(bests)
         tracker.finish_sweep("FINISHED")

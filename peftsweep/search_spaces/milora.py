@@ -41,10 +41,10 @@ def milora_init(model: PeftModel, adapter: str = "default") -> None:
             sqrt_s = torch.sqrt(s[-r:] / scaling)
             lora_a = sqrt_s[:, None] * vh[-r:]  # diag(√S_r) @ Vh_r
             lora_b = u[:, -r:] * sqrt_s[None, :]  # U_r @ diag(√S_r)
-            layer.lora_A[adapter].weight.data = lora_a.to(layer.lora_A[adapter].weight.dtype)
-            layer.lora_B[adapter].weight.data = lora_b.to(layer.lora_B[adapter].weight.dtype)
+            layer.lora_A[adapter].weight.data = lora_a.to(layer.lora_A[adapter].weight.dtype).contiguous()
+            layer.lora_B[adapter].weight.data = lora_b.to(layer.lora_B[adapter].weight.dtype).contiguous()
             residual = weight - scaling * lora_b @ lora_a
-            base_weight.data = transpose(residual, layer.fan_in_fan_out).to(base_weight.dtype)
+            base_weight.data = transpose(residual, layer.fan_in_fan_out).to(base_weight.dtype).contiguous()
 
 
 def _apply(model: PreTrainedModel, hparams: AdapterHParams, workdir: Path) -> PeftModel:

@@ -124,7 +124,12 @@ def test_apply_trains_only_adapter_params(method: str, mutates: bool, model: str
     assert trainable
     assert all(".lora_" in n for n in trainable), trainable
     assert not any("lm_head" in n for n in trainable)  # all-linear leaves the output layer alone
+    # DDP/DeepSpeed broadcast parameters at start-up and reject non-contiguous ones (SVD inits on Conv1D).
+    assert all(p.is_contiguous() for p in peft_model.parameters())
     assert (tmp_path / "initial").is_dir() == mutates
+    if mutates:  # else PEFT's conversion would decompose the residual base a second time on export
+        snapshot = json.loads((tmp_path / "initial" / "adapter_config.json").read_text())
+        assert snapshot["init_lora_weights"] is True
 
 
 @methods
@@ -174,6 +179,7 @@ def test_export_reloads_on_a_fresh_base(
     assert all(m.training for m in peft_model.modules())
     assert [n for n, p in peft_model.named_parameters() if p.requires_grad] == trainable
     assert list(peft_model.peft_config) == ["default"]
+    assert peft_model.peft_config["default"].r == RANK  # the rank-2r config is written for the export only
     peft_model.eval()
     torch.testing.assert_close(logits(peft_model, tokens), trained, atol=0, rtol=0)
 
@@ -220,6 +226,14 @@ def test_svd_init_takes_the_right_singular_values(
             rest = s[RANK:] if end == "largest" else s[:-RANK]
             residual = torch.linalg.svdvals(layer.get_base_layer().weight.detach())[: rest.numel()]
             torch.testing.assert_close(residual, rest, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "init"), [({}, "pissa_niter_4"), ({"niter": None}, "pissa"), ({"niter": 0}, "pissa_niter_0")]
+)
+def test_pissa_niter_selects_the_svd(options: dict[str, object], init: str, tmp_path: Path) -> None:
+    peft_model, _ = build("pissa", "llama", tmp_path, **options)
+    assert peft_model.peft_config["default"].init_lora_weights == init
 
 
 def test_unknown_method_lists_known_names() -> None:
