@@ -14,7 +14,7 @@ from rich.console import Console
 from peftsweep.spec import SpecError, SweepSpec, load_spec
 
 app = typer.Typer(
-    help="Fair per-method LR × rank sweeps of PEFT methods (Ray Tune + Optuna + Ray Train/DeepSpeed + MLflow).",
+    help="Fair per-method LR × rank sweeps of PEFT methods (Ray Tune, Optuna, Ray Train/DeepSpeed, MLflow).",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -75,7 +75,9 @@ def best(spec_path: SpecArg) -> None:
 
     info = champion_info(spec)
     if info is None:
-        err.print(f"no champion registered yet for sweep {spec.name!r} in {spec.tracking.mlflow_tracking_uri()}")
+        err.print(
+            f"no champion registered yet for sweep {spec.name!r} in {spec.tracking.mlflow_tracking_uri()}"
+        )
         raise typer.Exit(1)
     for key, value in info.items():
         console.print(f"[bold]{key:>14}[/]: {value}", highlight=False)
@@ -85,13 +87,26 @@ def best(spec_path: SpecArg) -> None:
 def ui(
     spec_path: SpecArg,
     port: Annotated[int, typer.Option(help="Port of the MLflow UI")] = 5000,
-    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you mean it")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you mean it")
+    ] = "127.0.0.1",
 ) -> None:
     """Serve the MLflow UI for the sweep's tracking store."""
     spec = _load(spec_path)
     uri = spec.tracking.mlflow_tracking_uri()
     console.print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C to stop)")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
 
 

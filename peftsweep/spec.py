@@ -39,7 +39,9 @@ class _Strict(BaseModel):
 class DataSpec(_Strict):
     """Where the task's examples come from."""
 
-    task: str = "builtin:arith-sub"  # the built-in CPU task on which LR matters; else a dir with train/eval.jsonl
+    task: str = (
+        "builtin:arith-sub"  # the built-in CPU task on which LR matters; else a dir with train/eval.jsonl
+    )
     prompt_field: str = "prompt"  # JSON field holding the model input
     completion_field: str = "completion"  # JSON field holding the expected answer (loss is on it only)
     max_eval_examples: PositiveInt = 200  # greedy-generation eval cost per eval point; 200 → 0.5 % resolution
@@ -55,7 +57,9 @@ class MethodSpec(_Strict):
     alpha_over_rank: PositiveFloat = 1.0  # paper protocol: alpha = r
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # paper protocol: no adapter dropout
     target_modules: str | list[str] = "all-linear"  # paper protocol: every linear projection, not lm_head
-    options: dict[str, Any] = Field(default_factory=dict)  # method-specific knobs, checked against the registry
+    options: dict[str, Any] = Field(
+        default_factory=dict
+    )  # method-specific knobs, checked against the registry
 
     @model_validator(mode="before")
     @classmethod

@@ -14,7 +14,7 @@ EXAMPLES = REPO / "examples"
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """The embedded local Ray of a sweep, started once; `peftsweep run` joins it instead of starting its own."""
+    """The embedded local Ray, started once; `peftsweep run` joins it instead of starting its own."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")

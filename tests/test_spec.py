@@ -36,7 +36,10 @@ def test_minimal_spec_gets_defaults_from_one_place(tmp_path: Path) -> None:
     ("mutation", "expected"),
     [
         ({"methods": ["lora"], "trainng": {}}, "trainng: unknown key"),
-        ({"methods": [{"name": "lora", "lr_min": 1e-2, "lr_max": 1e-4}]}, "methods.0: lr_min (0.01) must be below"),
+        (
+            {"methods": [{"name": "lora", "lr_min": 1e-2, "lr_max": 1e-4}]},
+            "methods.0: lr_min (0.01) must be below",
+        ),
         ({"methods": ["lora", "nosuchmethod"]}, "methods.1: unknown method 'nosuchmethod'"),
         ({"methods": [{"name": "pissa", "options": {"nitre": 2}}]}, "methods.0: unknown option(s) ['nitre']"),
         ({"methods": [{"name": "lora", "ranks": [0]}]}, "methods.0.ranks.0"),

@@ -24,12 +24,24 @@ class SweepProgress:
     def table(self) -> Table:
         metric = self.spec.search.metric
         table = Table(title=f"{self.spec.name}: searching {self.running or '-'}", show_edge=False)
-        for col in ("method", "done", "running", "stopped", "diverged", "failed", f"best {metric}", "lr", "rank"):
+        for col in (
+            "method",
+            "done",
+            "running",
+            "stopped",
+            "diverged",
+            "failed",
+            f"best {metric}",
+            "lr",
+            "rank",
+        ):
             table.add_column(col, justify="left" if col == "method" else "right")
         for mspec in self.spec.methods:
             trials = [t for t in self.tracker.trials.values() if t.method == mspec.name]
-            count = {s: sum(t.status == s for t in trials) for s in
-                     ("completed", "running", "stopped_early", "diverged", "failed")}
+            count = {
+                s: sum(t.status == s for t in trials)
+                for s in ("completed", "running", "stopped_early", "diverged", "failed")
+            }
             best = self.tracker.best_trial(mspec.name)
             table.add_row(
                 mspec.name,

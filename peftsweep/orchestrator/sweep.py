@@ -125,8 +125,10 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console |
     t0 = time.monotonic()
     check_inputs(spec)
     spec.tracking.root.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]peftsweep[/] {spec.name}: {len(spec.methods)} method(s) × "
-                  f"{spec.search.trials_per_method} trials → {spec.tracking.root}")
+    console.print(
+        f"[bold]peftsweep[/] {spec.name}: {len(spec.methods)} method(s) × "
+        f"{spec.search.trials_per_method} trials → {spec.tracking.root}"
+    )
     started = cluster.connect(address)
     tracker = None
     try:
@@ -161,14 +163,18 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console |
         sweep_run_id=tracker.sweep_run_id,
         registry_name=registered[0] if registered else None,
         champion=registered[1].method if registered else None,
-        best={m: {"lr": b.lr, "rank": b.rank, metric: b.metrics[metric], "run_id": b.run_id}
-              for m, b in bests.items()},
+        best={
+            m: {"lr": b.lr, "rank": b.rank, metric: b.metrics[metric], "run_id": b.run_id}
+            for m, b in bests.items()
+        },
         seconds=time.monotonic() - t0,
     )
     console.print(final_table(spec, tracker, result))
     if result.champion:
-        console.print(f"champion: [bold]{result.champion}[/] → models:/{result.registry_name}@champion "
-                      f"({result.seconds:.0f} s)")
+        console.print(
+            f"champion: [bold]{result.champion}[/] → models:/{result.registry_name}@champion "
+            f"({result.seconds:.0f} s)"
+        )
     else:
         console.print("[red]no trial produced an adapter: nothing registered[/]")
     return result

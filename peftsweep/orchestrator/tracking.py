@@ -128,7 +128,9 @@ class SweepTracker:
         record.metrics = {k: float(result[k]) for k in TRIAL_METRICS if k in result}
         record.metrics["step"] = step
 
-    def finish_trial(self, record: TrialRecord, checkpoint_path: str | None, error: str | None = None) -> None:
+    def finish_trial(
+        self, record: TrialRecord, checkpoint_path: str | None, error: str | None = None
+    ) -> None:
         if error is not None:
             record.status = "failed"
             self.client.log_text(record.run_id, error, "error.txt")
@@ -160,8 +162,14 @@ class SweepTracker:
         if best is not None:
             self.client.log_batch(
                 run_id,
-                metrics=[Metric(f"best_{self.spec.search.metric}", best.metrics[self.spec.search.metric],
-                                int(time.time() * 1000), 0)],
+                metrics=[
+                    Metric(
+                        f"best_{self.spec.search.metric}",
+                        best.metrics[self.spec.search.metric],
+                        int(time.time() * 1000),
+                        0,
+                    )
+                ],
                 params=[Param("best_lr", str(best.lr)), Param("best_rank", str(best.rank))],
                 tags=[RunTag("peftsweep.best_trial_run", best.run_id)],
             )
@@ -169,7 +177,7 @@ class SweepTracker:
         return best
 
     def register(self, bests: dict[str, TrialRecord]) -> tuple[str, TrialRecord] | None:
-        """One model version per method's best trial (alias `best-<method>`); the overall best → `champion`."""
+        """One model version per method's best trial (alias `best-<method>`); the overall best: `champion`."""
         if not bests:
             return None
         name = self.spec.tracking.registry_name or self.spec.name
@@ -196,8 +204,16 @@ class SweepTracker:
         self.client.set_registered_model_alias(name, CHAMPION_ALIAS, versions[champion.method])
         summary = {
             "champion": {"method": champion.method, "version": versions[champion.method]},
-            "methods": {m: {"lr": r.lr, "rank": r.rank, metric: r.metrics[metric], "run_id": r.run_id,
-                            "version": versions[m]} for m, r in bests.items()},
+            "methods": {
+                m: {
+                    "lr": r.lr,
+                    "rank": r.rank,
+                    metric: r.metrics[metric],
+                    "run_id": r.run_id,
+                    "version": versions[m],
+                }
+                for m, r in bests.items()
+            },
         }
         self.client.log_text(self.sweep_run_id, json.dumps(summary, indent=2), "summary.json")
         self.client.set_tag(self.sweep_run_id, "peftsweep.champion_method", champion.method)

@@ -130,7 +130,11 @@ def run_trial(spec: SweepSpec, method: str, lr: float, rank: int, seed: int, rep
 
             if step % tr.eval_every == 0 or step == tr.max_steps:
                 metrics = evaluate(engine.module, tokenizer, eval_ds)
-                metrics |= {"step": step, "train_loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]}
+                metrics |= {
+                    "step": step,
+                    "train_loss": sum(window) / len(window),
+                    "lr": scheduler.get_last_lr()[0],
+                }
                 metrics["diverged"] = 0.0
                 window = []
                 with tempfile.TemporaryDirectory(prefix="peftsweep-ckpt-") as ckpt:

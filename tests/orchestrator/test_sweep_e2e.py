@@ -42,8 +42,12 @@ def sweep(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     result = CliRunner().invoke(app, ["run", str(spec_path)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     spec = load_spec(spec_path)
-    return {"spec": spec, "spec_path": spec_path, "output": result.output,
-            "client": MlflowClient(spec.tracking.mlflow_tracking_uri())}
+    return {
+        "spec": spec,
+        "spec_path": spec_path,
+        "output": result.output,
+        "client": MlflowClient(spec.tracking.mlflow_tracking_uri()),
+    }
 
 
 def _runs(client: MlflowClient, spec: SweepSpec) -> list:
@@ -91,7 +95,9 @@ def test_registry_has_a_version_per_method_and_a_champion(sweep: dict[str, Any])
     best = max(versions, key=lambda v: float(v.tags["exact_match"]))
     assert float(champion.tags["exact_match"]) == float(best.tags["exact_match"])
     for method in METHODS:
-        assert client.get_model_version_by_alias(spec.name, f"best-{method}").tags["peftsweep.method"] == method
+        assert (
+            client.get_model_version_by_alias(spec.name, f"best-{method}").tags["peftsweep.method"] == method
+        )
 
 
 def test_each_method_has_its_own_optuna_study(sweep: dict[str, Any]) -> None:
@@ -105,7 +111,9 @@ def test_each_method_has_its_own_optuna_study(sweep: dict[str, Any]) -> None:
         assert all(lr_min <= t.params["lr"] <= lr_max for t in study.trials)
 
 
-def test_champion_loads_with_plain_peft_and_reproduces_its_metric(sweep: dict[str, Any], tmp_path: Path) -> None:
+def test_champion_loads_with_plain_peft_and_reproduces_its_metric(
+    sweep: dict[str, Any], tmp_path: Path
+) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
