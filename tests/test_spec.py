@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -76,13 +75,33 @@ def test_shipped_examples_validate(example: Path) -> None:
     assert spec.methods
 
 
-def test_cli_validate_rejects_bad_spec_before_starting_anything(tmp_path: Path) -> None:
+def _no_cluster(*_args: object, **_kwargs: object) -> bool:
+    raise AssertionError("a bad spec must fail before any cluster work")
+
+
+def test_cli_run_rejects_bad_spec_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("peftsweep.cluster.local.connect", _no_cluster)
+    monkeypatch.setattr("peftsweep.cluster.connect", _no_cluster)
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({"name": "t", "methods": [{"name": "lora", "lr_max": -1}]}))
     result = CliRunner().invoke(app, ["run", str(spec)])
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert "methods.0.lr_max" in result.output
-    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+def test_cli_run_rejects_bad_data_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("peftsweep.cluster.connect", _no_cluster)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        yaml.safe_dump({"name": "t", "methods": ["lora"], "data": {"task": str(tmp_path / "nope")}})
+    )
+    result = CliRunner().invoke(app, ["run", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert "data.task" in result.output and "nope" in result.output
 
 
 def test_cli_validate_names_bad_data_file_and_row(tmp_path: Path) -> None:
