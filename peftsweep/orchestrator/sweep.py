@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
@@ -15,6 +16,9 @@ from rich.table import Table
 
 from peftsweep import cluster
 from peftsweep.spec import SpecError, SweepSpec
+
+if TYPE_CHECKING:
+    from peftsweep.orchestrator.tracking import SweepTracker
 
 
 @dataclass
@@ -180,7 +184,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console |
     return result
 
 
-def final_table(spec: SweepSpec, tracker, result: SweepResult) -> Table:  # noqa: ANN001
+def final_table(spec: SweepSpec, tracker: SweepTracker, result: SweepResult) -> Table:
     metric = spec.search.metric
     table = Table(title=f"sweep {spec.name}: best per method ({metric}, {spec.search.direction})")
     for col in ("method", "best lr", "best rank", metric, "trials", "stopped early", "diverged", "failed"):

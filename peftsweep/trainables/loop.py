@@ -51,6 +51,14 @@ def run_trial(spec: SweepSpec, method: str, lr: float, rank: int, seed: int, rep
 
     Needs an initialised torch.distributed process group (Ray Train provides one; see `init_standalone`).
     """
+    # Scratch space for the method's initial-adapter snapshot (PiSSA/MiLoRA export); removed at the end.
+    with tempfile.TemporaryDirectory(prefix="peftsweep-trial-") as scratch:
+        _train(spec, method, lr, rank, seed, report, Path(scratch))
+
+
+def _train(
+    spec: SweepSpec, method: str, lr: float, rank: int, seed: int, report: Reporter, workdir: Path
+) -> None:
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -69,7 +77,6 @@ def run_trial(spec: SweepSpec, method: str, lr: float, rank: int, seed: int, rep
     base_path = resolve_base_model(spec.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    workdir = Path(tempfile.mkdtemp(prefix="peftsweep-trial-"))
     hparams = search_spaces.AdapterHParams(
         rank=rank,
         alpha=rank * mspec.alpha_over_rank,

@@ -40,6 +40,7 @@ def evaluate(
     if max_new_tokens is None:
         max_new_tokens = max(len(c) for c in completions) + 1
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pad_id = _pad_id(tokenizer)
     device = next(model.parameters()).device
 
     was_training = model.training
@@ -47,14 +48,14 @@ def evaluate(
     try:
         with torch.no_grad():
             inputs = [bos + p for p in prompts]
-            answers = _greedy(model, tokenizer, inputs, batch_size, max_new_tokens, device)
+            answers = _greedy(model, tokenizer, inputs, batch_size, max_new_tokens, pad_id, device)
             loss_sum, n_tokens = 0.0, 0
             for start in range(0, len(rows), batch_size):
                 chunk = zip(
                     prompts[start : start + batch_size], completions[start : start + batch_size], strict=True
                 )
                 feats = [_encode(tokenizer, p, c, max_length=1 << 30) for p, c in chunk]  # no truncation
-                batch = {k: v.to(device) for k, v in collate(feats, tokenizer.pad_token_id).items()}
+                batch = {k: v.to(device) for k, v in collate(feats, pad_id).items()}
                 n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # HF shifts labels by one
                 loss_sum += float(model(**batch).loss) * n  # the model's loss is the mean over these n tokens
                 n_tokens += n
@@ -65,12 +66,21 @@ def evaluate(
     return {"exact_match": hits / len(rows), "eval_loss": loss_sum / max(1, n_tokens)}
 
 
+def _pad_id(tokenizer: Any) -> int:
+    """Padding id; tokenizers without a pad token (GPT-2 style) pad with EOS, which the mask hides anyway."""
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
 def _greedy(
     model: Any,
     tokenizer: Any,
     prompts: list[list[int]],
     batch_size: int,
     max_new_tokens: int,
+    pad_id: int,
     device: torch.device,
 ) -> list[str]:
     """Decoded greedy continuations (up to EOS) of tokenized prompts, in input order.
@@ -80,7 +90,6 @@ def _greedy(
     """
     import torch
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
