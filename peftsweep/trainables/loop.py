@@ -194,14 +194,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def init_standalone() -> None:
-    """A one-process gloo group, for running `run_trial` without Ray (benchmarks, tests)."""
+    """A one-process gloo group, for running `run_trial` without Ray (benchmarks, tests).
+
+    An in-memory store: no port to collide with another process doing the same.
+    """
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(key, value)  # DeepSpeed reads these
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
