@@ -45,6 +45,8 @@ def main() -> None:
     shutil.rmtree(tmp_dir, ignore_errors=True)
     start = time.perf_counter()
     em = builtin.build_base_model(tmp_dir, seed=args.seed)
+    for f in tmp_dir.iterdir():
+        f.chmod(0o644)  # transformers writes the weights 0600; shipped files must be readable by everyone
     shutil.rmtree(model_dir, ignore_errors=True)  # replace only after a successful build
     tmp_dir.rename(model_dir)
     size = sum(p.stat().st_size for p in model_dir.iterdir())

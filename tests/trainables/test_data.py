@@ -187,6 +187,8 @@ def test_evaluate_scores_generated_answers_against_references(base: tuple[Any, A
     assert again["exact_match"] == right["exact_match"]
     assert again["eval_loss"] == pytest.approx(right["eval_loss"], rel=1e-4)
     assert right["exact_match"] == 1.0
+    short = [{"prompt": "1+1=", "completion": "never"}] * 5  # shorter prompts force left padding in the batch
+    assert evaluate(model, tok, rows + short)["exact_match"] == len(rows) / (len(rows) + len(short))
     off = evaluate(model, tok, wrong)
     assert off["exact_match"] == 0.0
     assert off["eval_loss"] > right["eval_loss"] + 1.0
@@ -194,6 +196,19 @@ def test_evaluate_scores_generated_answers_against_references(base: tuple[Any, A
 
 def test_evaluate_sees_a_short_lora_run_learn_subtraction(base: tuple[Any, Any]) -> None:
     """An honest end-to-end check: a 200-step LoRA run (the measured good LR) lifts exact match off zero."""
+    import torch
+
+    _, tok = base
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: 1 thread is as fast, and suffers far less on a busy 2-core box
+    try:
+        _short_lora_run(tok)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _short_lora_run(tok: Any) -> None:
+    """Train LoRA for 200 steps at lr 1e-2 on arith-sub and check that evaluate() sees the gain."""
     import math
 
     import torch
@@ -203,7 +218,6 @@ def test_evaluate_sees_a_short_lora_run_learn_subtraction(base: tuple[Any, Any])
     from peftsweep.trainables.builtin import builtin_model_dir
     from peftsweep.trainables.metrics import evaluate
 
-    _, tok = base
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(builtin_model_dir())
     config = LoraConfig(
@@ -221,14 +235,13 @@ def test_evaluate_sees_a_short_lora_run_learn_subtraction(base: tuple[Any, Any])
     )
     gen = torch.Generator().manual_seed(0)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(len(feats), (batch,), generator=gen).tolist()
         model(**collate([feats[i] for i in idx], tok.pad_token_id)).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the trial loop does
         opt.step()
         sched.step()
         opt.zero_grad()
-        if step == 0:
-            assert model.training
     after = evaluate(model, tok, eval_rows)
     assert model.training
     assert before["exact_match"] < 0.05
