@@ -5,7 +5,7 @@ for each method over a half-decade LR grid and several seeds, then prints exact 
 at each method's best LR against ≈30× lower and ≈30× higher (three half-decades). Writes JSON to
 bench/results/lr_sensitivity.json.
 
-    .venv/bin/python bench/lr_sensitivity.py [--methods lora pissa] [--seeds 0 1] [--steps 200]
+    .venv/bin/python bench/lr_sensitivity.py [--methods lora pissa] [--seeds 0 1] [--steps 150]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # one trial per core, as in a swe
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from peftsweep.spec import parse_spec  # noqa: E402
+from peftsweep.spec import TrainingSpec, parse_spec  # noqa: E402
 from peftsweep.trainables.loop import init_standalone, run_trial  # noqa: E402
 
 GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # half-decade steps: 3 steps ≈ 30×
@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["lora", "pissa"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=TrainingSpec().max_steps)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lr_sensitivity.json")
     args = parser.parse_args()

@@ -73,6 +73,8 @@ def _train(
     world, rank_id = dist.get_world_size(), dist.get_rank()
 
     # --- setup: base model, adapter, data -------------------------------------------------------------
+    # One thread per reserved CPU: concurrent trials oversubscribe a small machine badly otherwise.
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     torch.manual_seed(seed)
     base_path = resolve_base_model(spec.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
