@@ -25,7 +25,7 @@ from rich.table import Table  # noqa: E402
 from peftsweep.spec import TrainingSpec, parse_spec  # noqa: E402
 from peftsweep.trainables.loop import init_standalone, run_trial  # noqa: E402
 
-GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # half-decade steps: 3 steps ≈ 30×
+GRID = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]  # half-decade steps: 3 steps ≈ 30×
 
 
 def _fmt(value: float | None) -> str:
@@ -53,7 +53,7 @@ def main() -> None:
             "resources": {"zero_stage": 2},
         }
     )
-    console = Console()
+    console = Console(width=160)
     rows = []
     for method in args.methods:
         for lr in GRID:

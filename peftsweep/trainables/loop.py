@@ -64,6 +64,7 @@ def _train(
     import torch.distributed as dist
     from torch.utils.data import DataLoader, DistributedSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+    from transformers.utils import logging as hf_logging
 
     from peftsweep import search_spaces
     from peftsweep.trainables.data import collate, load_split, tokenize_for_training
@@ -76,6 +77,7 @@ def _train(
     # One thread per reserved CPU: concurrent trials oversubscribe a small machine badly otherwise.
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     torch.manual_seed(seed)
+    hf_logging.disable_progress_bar()  # per-trial weight-loading bars only clutter worker logs
     base_path = resolve_base_model(spec.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
