@@ -73,10 +73,7 @@ class MethodSpec(_Strict):
             method = search_spaces.get_method(self.name)
         except KeyError as exc:
             raise ValueError(str(exc).strip("'\"")) from None
-        unknown = sorted(set(self.options) - set(method.options))
-        if unknown:
-            known = ", ".join(sorted(method.options)) or "none"
-            raise ValueError(f"unknown option(s) {unknown} for method {self.name!r} (known: {known})")
+        options = method.merged_options(self.options)  # unknown knobs raise ValueError, naming them
         lr_min = self.lr_min if self.lr_min is not None else method.lr_range[0]
         lr_max = self.lr_max if self.lr_max is not None else method.lr_range[1]
         if lr_min >= lr_max:
@@ -87,7 +84,7 @@ class MethodSpec(_Strict):
         object.__setattr__(self, "lr_min", lr_min)
         object.__setattr__(self, "lr_max", lr_max)
         object.__setattr__(self, "ranks", sorted(set(ranks)))
-        object.__setattr__(self, "options", {**method.options, **self.options})
+        object.__setattr__(self, "options", options)
         return self
 
 
