@@ -1,0 +1,63 @@
+"""CLI commands that need no sweep: `ui` really serves MLflow on loopback; `best` says when there is none."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from peftsweep.cli import app
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spec(tmp_path: Path) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        yaml.safe_dump({"name": "cli", "methods": ["lora"], "tracking": {"root": str(tmp_path / "r")}})
+    )
+    return path
+
+
+def test_ui_serves_the_sweep_store_on_loopback_only(tmp_path: Path) -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peftsweep.cli", "ui", str(_spec(tmp_path)), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # so the MLflow server's own workers are stopped with it, by process group
+    )
+    try:
+        deadline, body = time.monotonic() + 90, b""
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                    body = resp.read()
+                    break
+            except OSError:
+                time.sleep(1)
+        assert body.strip() == b"OK", proc.stdout.read() if proc.poll() is not None else "no answer in time"
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        local_addresses = {line.split()[3] for line in listening.splitlines()}
+        assert local_addresses == {f"127.0.0.1:{port}"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_best_without_a_sweep_explains_and_fails(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["best", str(_spec(tmp_path))])
+    assert result.exit_code == 1
+    assert "no champion registered yet" in result.output
