@@ -78,9 +78,14 @@ class MethodSpec(_Strict):
         lr_max = self.lr_max if self.lr_max is not None else method.lr_range[1]
         if lr_min >= lr_max:
             raise ValueError(f"lr_min ({lr_min:g}) must be below lr_max ({lr_max:g})")
-        ranks = self.ranks if self.ranks is not None else list(method.ranks)
-        if not ranks:
-            raise ValueError("ranks must list at least one rank")
+        if not method.uses_rank:
+            if self.ranks:
+                raise ValueError(f"method {self.name!r} has no rank; remove 'ranks'")
+            ranks: list[int] = []
+        else:
+            ranks = self.ranks if self.ranks is not None else list(method.ranks)
+            if not ranks:
+                raise ValueError("ranks must list at least one rank")
         object.__setattr__(self, "lr_min", lr_min)
         object.__setattr__(self, "lr_max", lr_max)
         object.__setattr__(self, "ranks", sorted(set(ranks)))
@@ -198,6 +203,19 @@ class SweepSpec(_Strict):
             raise ValueError(f"method(s) listed twice: {dupes}")
         return value
 
+    @model_validator(mode="after")
+    def _methods_fit_hardware(self) -> SweepSpec:
+        # QLoRA-like methods need CUDA: refuse a CPU-only spec here rather than crash inside a trial.
+        cuda = self.resources.gpus_per_worker > 0
+        problems = [
+            f"methods.{i}: {why}"
+            for i, m in enumerate(self.methods)
+            if (why := search_spaces.get_method(m.name).rejection(None, cuda=cuda))
+        ]
+        if problems:
+            raise ValueError("; ".join(problems) + " (set resources.gpus_per_worker > 0 on a GPU cluster)")
+        return self
+
     def method(self, name: str) -> MethodSpec:
         return next(m for m in self.methods if m.name == name)
 
@@ -205,11 +223,11 @@ class SweepSpec(_Strict):
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid sweep spec"]
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        path = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {path}: {msg}")
+        lines.append(f"  {path}: {msg}" if path else f"  {msg}")  # whole-spec checks name their own fields
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ Ray Tune (ASHA) → best trial per method → registry (champion) → final tabl
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from peftsweep import cluster
+from peftsweep import cluster, search_spaces
 from peftsweep.spec import SpecError, SweepSpec
 
 if TYPE_CHECKING:
@@ -47,8 +48,20 @@ def check_inputs(spec: SweepSpec) -> None:
     except FileNotFoundError as exc:
         raise SpecError(f"base_model: {exc}") from None
     looks_local = base.startswith((".", "/", "~")) or Path(base).exists()
-    if looks_local and not (Path(base).expanduser() / "config.json").is_file():
+    config = Path(base).expanduser() / "config.json"
+    if looks_local and not config.is_file():
         raise SpecError(f"base_model: {base} is not a model directory (no config.json)")
+    # Methods that cannot run on this architecture (e.g. OLoRA on GPT-2's Conv1D) fail here, not in a trial.
+    # A hub id's architecture is only known once a worker loads it.
+    if looks_local:
+        model_type = json.loads(config.read_text()).get("model_type")
+        problems = [
+            f"methods.{i}: {why}"
+            for i, m in enumerate(spec.methods)
+            if (why := search_spaces.get_method(m.name).rejection(model_type, cuda=True))
+        ]
+        if problems:
+            raise SpecError("\n".join(problems))
 
 
 def _check_resources(spec: SweepSpec) -> None:
@@ -76,10 +89,9 @@ def _search_method(spec: SweepSpec, method: str, callbacks: list) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mspec, search, res = spec.method(method), spec.search, spec.resources
-    space = {
-        "lr": optuna.distributions.FloatDistribution(mspec.lr_min, mspec.lr_max, log=True),
-        "rank": optuna.distributions.CategoricalDistribution(mspec.ranks),
-    }
+    space = {"lr": optuna.distributions.FloatDistribution(mspec.lr_min, mspec.lr_max, log=True)}
+    if mspec.ranks:  # rank-less methods (IA3, BitFit, full FT, prompt methods) search the LR only
+        space["rank"] = optuna.distributions.CategoricalDistribution(mspec.ranks)
     # metric/mode go to the searcher itself: with a fixed space it never reads them from TuneConfig.
     searcher = OptunaSearch(
         space,

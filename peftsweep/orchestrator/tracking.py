@@ -25,7 +25,15 @@ METHOD_TAG = "peftsweep.method"
 OUTCOME_TAG = "peftsweep.outcome"  # completed | stopped_early | diverged | failed
 CHAMPION_ALIAS = "champion"
 ADAPTER_ARTIFACT = "adapter"
-TRIAL_METRICS = ("exact_match", "eval_loss", "train_loss", "lr", "diverged")
+TRIAL_METRICS = (
+    "exact_match",
+    "eval_loss",
+    "train_loss",
+    "lr",
+    "diverged",
+    "trainable_params",
+    "adapter_bytes",
+)
 
 
 @dataclass
@@ -101,11 +109,12 @@ class SweepTracker:
                 "peftsweep.trial_id": trial_id,
             },
         ).info.run_id
+        rank = int(config.get("rank", 0))  # 0: the method has no rank
         params = {
             "method": method,
             "lr": config["lr"],
-            "rank": config["rank"],
-            "alpha": config["rank"] * mspec.alpha_over_rank,
+            "rank": rank,
+            "alpha": rank * mspec.alpha_over_rank,
             "dropout": mspec.dropout,
             "target_modules": mspec.target_modules,
             "seed": self.spec.training.seed,
@@ -116,7 +125,7 @@ class SweepTracker:
             **{f"option.{k}": v for k, v in mspec.options.items()},
         }
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        record = TrialRecord(method, trial_id, run_id, float(config["lr"]), int(config["rank"]))
+        record = TrialRecord(method, trial_id, run_id, float(config["lr"]), rank)
         self.trials[trial_id] = record
         return record
 

@@ -32,7 +32,7 @@ def tune_trial(config: dict[str, Any], *, spec_json: dict[str, Any], method: str
             "spec": spec_json,
             "method": method,
             "lr": float(config["lr"]),
-            "rank": int(config["rank"]),
+            "rank": int(config.get("rank", 0)),  # 0: the method has no rank
             "seed": spec.training.seed,
         },
         scaling_config=ray.train.ScalingConfig(

@@ -11,10 +11,20 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from peftsweep.search_spaces._export import export_trained, load_trained
 from peftsweep.search_spaces._lora import export_adapter
 from peftsweep.search_spaces._registry import AdapterHParams, Method, get_method, method_names, register
 
-__all__ = ["AdapterHParams", "Method", "export_adapter", "get_method", "method_names", "register"]
+__all__ = [
+    "AdapterHParams",
+    "Method",
+    "export_adapter",
+    "export_trained",
+    "get_method",
+    "load_trained",
+    "method_names",
+    "register",
+]
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):

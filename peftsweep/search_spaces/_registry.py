@@ -30,6 +30,9 @@ class AdapterHParams:
     dropout: float = 0.0  # paper protocol: no adapter dropout
     target_modules: str | list[str] = "all-linear"  # paper protocol: every linear projection, not lm_head
     options: Mapping[str, Any] = field(default_factory=dict)  # method knobs; empty: the method's defaults
+    total_steps: int = (
+        0  # the trial's optimizer steps (AdaLoRA's rank-allocation schedule needs it); 0: unknown
+    )
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,24 @@ class Method:
     # apply(base_model, hparams, workdir) -> PeftModel with only adapter params trainable. Inits that mutate
     # the base weights also write the initial-adapter snapshot to workdir / "initial" (see export_adapter).
     apply: Callable[[PreTrainedModel, AdapterHParams, Path], PeftModel]
+    # --- optional parts; the defaults fit a plain PEFT adapter ---------------------------------------------
+    uses_rank: bool = True  # False: no rank in the search space (IA3, BitFit, full FT, prompt methods)
+    # model_type (config.json) -> why this method cannot run on it; rejected before any trial starts.
+    unsupported: Mapping[str, str] = field(default_factory=dict)
+    requires_cuda: str | None = None  # why the method needs a CUDA GPU (QLoRA); rejected on CPU-only specs
+    # export(model, out_dir, workdir): None → export_adapter (PEFT save_pretrained, mutating inits converted).
+    export: Callable[[Any, Path, Path], None] | None = None
+    # load(base_model, out_dir) -> trained model, for results plain PEFT cannot load (full FT, BitFit, ...).
+    load: Callable[[Any, Path], Any] | None = None
+    # extra_loss(model) -> tensor added to the task loss each step (e.g. FineGates' sparsity loss).
+    extra_loss: Callable[[Any], Any] | None = None
+    # after_step(model, step): called after every optimizer step (e.g. AdaLoRA's update_and_allocate).
+    after_step: Callable[[Any, int], None] | None = None
 
     def __post_init__(self) -> None:
         # Read-only view, so one caller cannot change another's defaults through the shared registry entry.
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        object.__setattr__(self, "unsupported", MappingProxyType(dict(self.unsupported)))
 
     def merged_options(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """The method's defaults updated by `overrides`; unknown knobs are an error, not silently ignored."""
@@ -56,6 +73,14 @@ class Method:
             known = ", ".join(sorted(self.options)) or "none"
             raise ValueError(f"unknown option(s) {unknown} for method {self.name!r} (known: {known})")
         return {**self.options, **overrides}
+
+    def rejection(self, model_type: str | None, cuda: bool) -> str | None:
+        """Why this method cannot run on this architecture / hardware, or None if it can."""
+        if model_type in self.unsupported:
+            return f"{self.name} does not support {model_type} models: {self.unsupported[model_type]}"
+        if self.requires_cuda and not cuda:
+            return f"{self.name} needs a CUDA GPU: {self.requires_cuda}"
+        return None
 
 
 _METHODS: dict[str, Method] = {}

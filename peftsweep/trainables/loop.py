@@ -87,8 +87,10 @@ def _train(
         dropout=mspec.dropout,
         target_modules=mspec.target_modules,
         options=mspec.options,
+        total_steps=tr.max_steps,
     )
-    model = search_spaces.get_method(method).apply(model, hparams, workdir)
+    recipe = search_spaces.get_method(method)
+    model = recipe.apply(model, hparams, workdir)
 
     train_ds = tokenize_for_training(
         load_split(data.task, "train", data.prompt_field, data.completion_field), tokenizer, tr.max_length
@@ -104,6 +106,7 @@ def _train(
     )
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_params = sum(p.numel() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=tr.weight_decay)
     scheduler_name = "constant_with_warmup" if tr.schedule == "constant" else tr.schedule
     scheduler = get_scheduler(
@@ -125,12 +128,15 @@ def _train(
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = engine(**batch).loss
-            engine.backward(loss)
+            total = loss + recipe.extra_loss(engine.module) if recipe.extra_loss else loss
+            engine.backward(total)
             engine.step()
             step += 1
+            if recipe.after_step:
+                recipe.after_step(engine.module, step)
 
             # Divergence guard: every worker must agree, because every worker must report the same times.
-            mean_loss = loss.detach().float().clone()
+            mean_loss = total.detach().float().clone()
             dist.all_reduce(mean_loss)
             mean_loss = mean_loss.item() / world
             first_loss = mean_loss if first_loss is None else first_loss
@@ -146,10 +152,10 @@ def _train(
                     "train_loss": sum(window) / len(window),
                     "lr": scheduler.get_last_lr()[0],
                 }
-                metrics["diverged"] = 0.0
+                metrics |= {"diverged": 0.0, "trainable_params": trainable_params}
                 window = []
                 with tempfile.TemporaryDirectory(prefix="peftsweep-ckpt-") as ckpt:
-                    _export(engine, spec, Path(ckpt), workdir, rank_id)
+                    metrics["adapter_bytes"] = _export(engine, spec, method, Path(ckpt), workdir, rank_id)
                     report(metrics, Path(ckpt) if rank_id == 0 else None)
                 engine.train()
             if step >= tr.max_steps:
@@ -166,8 +172,9 @@ def _diverged_metrics(step: int, loss: float, spec: SweepSpec) -> dict[str, floa
     return metrics
 
 
-def _export(engine: Any, spec: SweepSpec, out_dir: Path, workdir: Path, rank_id: int) -> None:
-    """Rank 0 writes the adapter; under ZeRO-3 every rank first gathers the sharded trainable weights."""
+def _export(engine: Any, spec: SweepSpec, method: str, out_dir: Path, workdir: Path, rank_id: int) -> int:
+    """Rank 0 writes the adapter and returns its size in bytes (0 elsewhere); under ZeRO-3 every rank first
+    gathers the sharded trainable weights."""
     import deepspeed
 
     from peftsweep import search_spaces
@@ -181,7 +188,8 @@ def _export(engine: Any, spec: SweepSpec, out_dir: Path, workdir: Path, rank_id:
     )
     with gather:
         if rank_id == 0:
-            search_spaces.export_adapter(engine.module, out_dir, workdir)
+            return search_spaces.export_trained(method, engine.module, out_dir, workdir)["adapter_bytes"]
+    return 0
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
