@@ -208,12 +208,18 @@ class SweepSpec(_Strict):
         # QLoRA-like methods need CUDA: refuse a CPU-only spec here rather than crash inside a trial.
         cuda = self.resources.gpus_per_worker > 0
         problems = [
-            f"methods.{i}: {why}"
+            f"methods.{i}: {why} (set resources.gpus_per_worker > 0 on a GPU cluster)"
             for i, m in enumerate(self.methods)
             if (why := search_spaces.get_method(m.name).rejection(None, cuda=cuda))
         ]
+        stage = self.resources.zero_stage
+        problems += [
+            f"methods.{i}: {m.name} works up to ZeRO stage {cap}, but resources.zero_stage is {stage}"
+            for i, m in enumerate(self.methods)
+            if stage > (cap := search_spaces.get_method(m.name).max_zero_stage)
+        ]
         if problems:
-            raise ValueError("; ".join(problems) + " (set resources.gpus_per_worker > 0 on a GPU cluster)")
+            raise ValueError("; ".join(problems))
         return self
 
     def method(self, name: str) -> MethodSpec:

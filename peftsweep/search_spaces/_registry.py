@@ -58,8 +58,10 @@ class Method:
     load: Callable[[Any, Path], Any] | None = None
     # extra_loss(model) -> tensor added to the task loss each step (e.g. FineGates' sparsity loss).
     extra_loss: Callable[[Any], Any] | None = None
-    # after_step(model, step): called after every optimizer step (e.g. AdaLoRA's update_and_allocate).
-    after_step: Callable[[Any, int], None] | None = None
+    # after_backward(model, step): called after backward, BEFORE the optimizer step clears the gradients
+    # (AdaLoRA's update_and_allocate scores ranks from them). `step` counts from 1.
+    after_backward: Callable[[Any, int], None] | None = None
+    max_zero_stage: int = 3  # highest DeepSpeed ZeRO stage the method works under (e.g. needs full .grad)
 
     def __post_init__(self) -> None:
         # Read-only view, so one caller cannot change another's defaults through the shared registry entry.

@@ -130,10 +130,10 @@ def _train(
             loss = engine(**batch).loss
             total = loss + recipe.extra_loss(engine.module) if recipe.extra_loss else loss
             engine.backward(total)
-            engine.step()
             step += 1
-            if recipe.after_step:
-                recipe.after_step(engine.module, step)
+            if recipe.after_backward:
+                recipe.after_backward(engine.module, step)
+            engine.step()
 
             # Divergence guard: every worker must agree, because every worker must report the same times.
             mean_loss = total.detach().float().clone()
