@@ -68,6 +68,40 @@ def validate(spec_path: SpecArg) -> None:
 
 
 @app.command()
+def methods() -> None:
+    """List every PEFT method: its default search space, knobs, and whether it runs on this machine."""
+    from rich.table import Table
+
+    from peftsweep import search_spaces
+
+    cuda = _cuda_available()
+    table = Table(title="PEFT methods (defaults; override per method in the spec)")
+    for col in ("method", "lr range", "ranks", "options", "runs here", "summary"):
+        table.add_column(col)
+    for name in search_spaces.method_names():
+        m = search_spaces.get_method(name)
+        why = m.rejection(None, cuda=cuda)
+        here = "no: needs CUDA" if why else "yes"
+        if m.unsupported:
+            here += f" (not on {', '.join(sorted(m.unsupported))})"
+        table.add_row(
+            name,
+            f"{m.lr_range[0]:g} … {m.lr_range[1]:g}",
+            ", ".join(map(str, m.ranks)) if m.uses_rank else "-",
+            ", ".join(f"{k}={v}" for k, v in m.options.items()) or "-",
+            here,
+            m.summary,
+        )
+    console.print(table)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@app.command()
 def best(spec_path: SpecArg) -> None:
     """Show the registered champion: method, params, metric and where its adapter is."""
     spec = _load(spec_path)

@@ -61,3 +61,20 @@ def test_best_without_a_sweep_explains_and_fails(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["best", str(_spec(tmp_path))])
     assert result.exit_code == 1
     assert "no champion registered yet" in result.output
+
+
+def test_methods_lists_every_method_and_whether_it_runs_here() -> None:
+    import torch
+
+    from peftsweep import search_spaces
+
+    result = CliRunner().invoke(app, ["methods"])
+    assert result.exit_code == 0, result.output
+    for name in search_spaces.method_names():
+        method = search_spaces.get_method(name)
+        (row,) = [line for line in result.output.splitlines() if line.startswith(f"│ {name} ")]
+        assert f"{method.lr_range[0]:g}" in row
+        if method.requires_cuda and not torch.cuda.is_available():
+            assert "no: needs CUDA" in row
+        else:
+            assert "yes" in row

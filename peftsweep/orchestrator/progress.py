@@ -53,7 +53,7 @@ class SweepProgress:
                 str(count["failed"]),
                 f"{best.metrics[metric]:.3f}" if best else "-",
                 f"{best.lr:.2e}" if best else "-",
-                str(best.rank) if best else "-",
+                str(best.rank) if best and best.rank else "-",
             )
         return table
 

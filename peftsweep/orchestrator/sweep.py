@@ -208,7 +208,7 @@ def final_table(spec: SweepSpec, tracker: SweepTracker, result: SweepResult) -> 
         table.add_row(
             mspec.name + mark,
             f"{best['lr']:.2e}" if best else "-",
-            str(best["rank"]) if best else "-",
+            str(best["rank"]) if best and best["rank"] else "-",  # rank 0: the method has none
             f"{best[metric]:.3f}" if best else "-",
             str(len(trials)),
             str(sum(t.status == "stopped_early" for t in trials)),
