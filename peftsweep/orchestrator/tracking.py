@@ -205,6 +205,9 @@ class SweepTracker:
                     "rank": str(rec.rank),
                     metric: str(rec.metrics[metric]),
                     "base_model": self.spec.base_model,
+                    # what the method costs, next to what it scores
+                    "trainable_params": str(int(rec.metrics.get("trainable_params", 0))),
+                    "adapter_bytes": str(int(rec.metrics.get("adapter_bytes", 0))),
                 },
             ).version
             self.client.set_registered_model_alias(name, f"best-{method}", version)

@@ -79,6 +79,7 @@ def test_mlflow_holds_sweep_method_trial_tree(sweep: dict[str, Any]) -> None:
     for trial in trials:
         assert method_ids[trial.data.tags["mlflow.parentRunId"]] == trial.data.params["method"]
         assert {"lr", "rank", "alpha", "seed"} <= set(trial.data.params)
+        assert trial.data.metrics["trainable_params"] > 0 and trial.data.metrics["adapter_bytes"] > 0
         assert float(trial.data.params["alpha"]) == float(trial.data.params["rank"])  # paper: alpha = r
         history = client.get_metric_history(trial.info.run_id, "exact_match")
         assert [m.step for m in history] == [30, 60] or trial.data.tags["peftsweep.outcome"] != "completed"
@@ -95,9 +96,9 @@ def test_registry_has_a_version_per_method_and_a_champion(sweep: dict[str, Any])
     best = max(versions, key=lambda v: float(v.tags["exact_match"]))
     assert float(champion.tags["exact_match"]) == float(best.tags["exact_match"])
     for method in METHODS:
-        assert (
-            client.get_model_version_by_alias(spec.name, f"best-{method}").tags["peftsweep.method"] == method
-        )
+        version = client.get_model_version_by_alias(spec.name, f"best-{method}")
+        assert version.tags["peftsweep.method"] == method
+        assert int(version.tags["trainable_params"]) > 0 and int(version.tags["adapter_bytes"]) > 0
 
 
 def test_each_method_has_its_own_optuna_study(sweep: dict[str, Any]) -> None:
