@@ -56,9 +56,21 @@ def evaluate(
                 )
                 feats = [_encode(tokenizer, p, c, max_length=1 << 30) for p, c in chunk]  # no truncation
                 batch = {k: v.to(device) for k, v in collate(feats, pad_id).items()}
-                n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # HF shifts labels by one
-                loss_sum += float(model(**batch).loss) * n  # the model's loss is the mean over these n tokens
-                n_tokens += n
+                labels = batch.pop("labels")
+                # Cross-entropy from the logits, not `model(..., labels).loss`: some methods add their own
+                # penalty to it (AdaLoRA's orthogonality term), and eval_loss must mean the same for all.
+                # Prompt methods prepend virtual tokens, so keep the last positions, aligned with the labels.
+                logits = model(**batch).logits[:, -labels.shape[1] :].float()
+                targets = labels[:, 1:]  # position t predicts token t+1
+                loss_sum += float(
+                    torch.nn.functional.cross_entropy(
+                        logits[:, :-1].reshape(-1, logits.shape[-1]),
+                        targets.reshape(-1),
+                        ignore_index=IGNORE_INDEX,
+                        reduction="sum",
+                    )
+                )
+                n_tokens += int((targets != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
 
