@@ -84,6 +84,8 @@ def methods() -> None:
         here = "no: needs CUDA" if why else "yes"
         if m.unsupported:
             here += f" (not on {', '.join(sorted(m.unsupported))})"
+        if m.max_zero_stage < 3:
+            here += f" (ZeRO ≤ {m.max_zero_stage})"
         table.add_row(
             name,
             f"{m.lr_range[0]:g} … {m.lr_range[1]:g}",
