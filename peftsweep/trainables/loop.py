@@ -135,14 +135,15 @@ def _train(
                 recipe.after_backward(engine.module, step)
             engine.step()
 
-            # Divergence guard: every worker must agree, because every worker must report the same times.
-            mean_loss = total.detach().float().clone()
-            dist.all_reduce(mean_loss)
-            mean_loss = mean_loss.item() / world
-            first_loss = mean_loss if first_loss is None else first_loss
-            window.append(mean_loss)
-            if not math.isfinite(mean_loss) or mean_loss > tr.divergence_factor * first_loss:
-                report(_diverged_metrics(step, mean_loss, spec), None)
+            # Divergence guard on the whole objective; every worker must agree, because every worker must
+            # report the same number of times. train_loss is the task loss alone, comparable across methods.
+            losses = torch.stack([loss.detach().float(), total.detach().float()])
+            dist.all_reduce(losses)
+            task_loss, objective = (losses / world).tolist()
+            first_loss = objective if first_loss is None else first_loss
+            window.append(task_loss)
+            if not math.isfinite(objective) or objective > tr.divergence_factor * first_loss:
+                report(_diverged_metrics(step, objective, spec), None)
                 return
 
             if step % tr.eval_every == 0 or step == tr.max_steps:
