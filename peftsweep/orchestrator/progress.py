@@ -67,8 +67,9 @@ class SweepProgress:
                 self._announced.add(t.trial_id)
                 value = t.metrics.get(metric)
                 shown = f"{value:.3f}" if value is not None else "-"
+                rank = t.rank or "-"  # 0: the method has no rank
                 self.live.console.print(
-                    f"  {t.method:>8} trial {t.trial_id}: lr={t.lr:.2e} rank={t.rank} → {metric} {shown} "
+                    f"  {t.method:>8} trial {t.trial_id}: lr={t.lr:.2e} rank={rank} → {metric} {shown} "
                     f"at step {int(t.metrics.get('step', 0))} ({t.status})"
                 )
         self.live.update(self.table())
