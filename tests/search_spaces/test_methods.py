@@ -10,18 +10,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from peftsweep import search_spaces
 from peftsweep.search_spaces import AdapterHParams, export_trained, get_method, load_trained
 from peftsweep.spec import SpecError, parse_spec
+from tests.search_spaces.tiny_models import MODELS, tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 RANK = 8
@@ -82,51 +82,9 @@ pytestmark = [
 ]
 
 
-def tiny_llama() -> PreTrainedModel:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=64,
-        intermediate_size=128,  # rectangular MLP weights, so a transposed factor would be a shape error
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # GQA: k/v projections are 64 → 32
-        max_position_embeddings=64,
-        initializer_range=0.1,  # not 0.02: logits are then O(1), so 1e-4 tolerances mean something
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2() -> PreTrainedModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=32,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        bos_token_id=0,  # GPT-2's 50256 is outside the tiny vocabulary
-        eos_token_id=1,
-        initializer_range=0.1,  # as in tiny_llama
-    )
-    return GPT2LMHeadModel(config).eval()
-
-
-MODELS: dict[str, Callable[[], PreTrainedModel]] = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-
-
 def rejection(method: str, model: str) -> str | None:
     """Why `method` cannot run on `model` here (declared unsupported, or needs CUDA we lack), else None."""
     return get_method(method).rejection(model, cuda=torch.cuda.is_available())
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: on a busy 2-core box multi-threaded MKL SVDs ran 10-70x slower than single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

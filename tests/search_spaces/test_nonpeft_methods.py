@@ -5,50 +5,19 @@ Their results are not PEFT adapters: each has its own export and loader, reached
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from peftsweep.search_spaces import AdapterHParams, export_trained, get_method, load_trained
 from peftsweep.search_spaces.finegates import gated_layers, keep_probability, pruned_model, sparsity_loss
+from tests.search_spaces.tiny_models import MODELS, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
-def tiny_llama() -> PreTrainedModel:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=64,
-        intermediate_size=128,  # rectangular MLP weights, so a transposed slice would be a shape error
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # GQA: k/v projections are 64 → 32
-        max_position_embeddings=64,
-        initializer_range=0.1,  # logits O(1), so the tolerances below mean something
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2() -> PreTrainedModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=32,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        bos_token_id=0,  # GPT-2's 50256 is outside the tiny vocabulary
-        eos_token_id=1,
-        initializer_range=0.1,  # as in tiny_llama
-    )
-    return GPT2LMHeadModel(config).eval()
-
-
-MODELS: dict[str, Callable[[], PreTrainedModel]] = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 METHODS = ["fullft", "bitfit", "finegates"]
 ATOL = 1e-5
 # FineGates at step 0: every eval gate is exactly 1 unless a logit drew 4.5 σ low (p ≈ 3e-6 per gate), so
@@ -58,15 +27,6 @@ FINEGATES_ATOL = 1e-4
 
 models = pytest.mark.parametrize("model", sorted(MODELS))
 methods = pytest.mark.parametrize("method", METHODS)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: threads only add overhead on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _inputs() -> torch.Tensor:
