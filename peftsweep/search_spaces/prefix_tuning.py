@@ -1,4 +1,4 @@
-"""Prefix tuning (Li \& Liang 2021): trainable key/value prefixes prepended in every attention layer.
+"""Prefix tuning (Li & Liang 2021): trainable key/value prefixes prepended in every attention layer.
 
 Changes the model's output from step 0 (the virtual tokens are random), unlike the LoRA family.
 """
