@@ -60,11 +60,18 @@ def validate(spec_path: SpecArg) -> None:
     from peftsweep.orchestrator.sweep import check_inputs
 
     try:
-        check_inputs(spec)
+        counts = check_inputs(spec)
     except SpecError as exc:
         err.print(f"[red]{exc}[/]", highlight=False)
         raise typer.Exit(2) from None
     console.print(f"{spec_path}: ok ({len(spec.methods)} methods, tracking in {spec.tracking.root})")
+    for section, rows in counts.items():
+        split = ", ".join(f"{name} {n}" for name, n in rows.items())
+        if section == "forgetting":  # general data is used whole, whatever its files' split
+            split = f"{sum(rows.values())}"
+        fmt = getattr(spec, section).format
+        console.print(f"  {section}: {fmt}, {split} rows", highlight=False)
+    console.print(f"  search.metric: {spec.search.metric} ({spec.search.direction})", highlight=False)
 
 
 @app.command()

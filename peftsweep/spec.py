@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -36,15 +37,57 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataSpec(_Strict):
-    """Where the task's examples come from."""
+DataFormat = Literal["prompt_completion", "math", "classification", "qa", "instruction", "chat", "code"]
 
-    task: str = (
-        "builtin:arith-sub"  # the built-in CPU task on which LR matters; else a dir with train/eval.jsonl
-    )
-    prompt_field: str = "prompt"  # JSON field holding the model input
-    completion_field: str = "completion"  # JSON field holding the expected answer (loss is on it only)
+
+class DataSpec(_Strict):
+    """Where the task's examples come from and how their columns map onto the format's roles."""
+
+    # builtin:NAME, a .json/.jsonl/.csv/.parquet file, a directory of split files, or hf:<dataset id>[:config]
+    task: str = "builtin:arith-sub"  # the built-in CPU task on which LR matters
+    format: DataFormat = "prompt_completion"  # decides the prompt template and the task metrics
+    fields: dict[str, str] = Field(default_factory=dict)  # role -> column name; unset roles: format defaults
+    # train/validation/test fractions when the task is one file; 80/10/10 is the fine-tuning guide's default
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_seed: int = 0  # the split is a pure function of this seed and the data
     max_eval_examples: PositiveInt = 200  # greedy-generation eval cost per eval point; 200 → 0.5 % resolution
+
+    @model_validator(mode="after")
+    def _split_is_a_partition(self) -> DataSpec:
+        if any(f < 0 for f in self.split) or abs(sum(self.split) - 1.0) > 1e-6 or self.split[0] <= 0:
+            raise ValueError(
+                f"split {list(self.split)} must be 3 non-negative fractions summing to 1, train > 0"
+            )
+        return self
+
+
+class ForgettingSpec(_Strict):
+    """General held-out data whose loss is measured before and after fine-tuning (the forgetting check)."""
+
+    task: str  # same kinds of source as data.task, e.g. builtin:arith-add (the base's own skill)
+    format: DataFormat = "prompt_completion"
+    fields: dict[str, str] = Field(default_factory=dict)
+    max_examples: PositiveInt = 200  # one teacher-forced pass per eval point; cheap next to generation
+    # Constraint: a trial whose general loss rises by more than this scores as the worst. None: log only
+    max_increase: PositiveFloat | None = None
+
+
+class EvalSpec(_Strict):
+    """How eval points generate answers (batched; greedy unless several samples per prompt are asked for)."""
+
+    batch_size: PositiveInt = 64  # prompts generated at once; bounded by memory of long generations
+    max_new_tokens: PositiveInt | None = None  # None: longest reference + 1, enough to see EOS after it
+    samples: PositiveInt = 1  # generations per prompt; 1 = greedy decoding
+    temperature: PositiveFloat = 0.8  # sampling temperature when samples > 1 (Codex paper's pass@k setting)
+    pass_k: PositiveInt = 1  # k of pass@k (code format); needs samples >= k
+    code_timeout_s: PositiveFloat = 5.0  # per generated program; an endless loop scores as a failure
+    code_memory_mb: PositiveInt = 512  # address-space limit of a generated program
+
+    @model_validator(mode="after")
+    def _k_fits_samples(self) -> EvalSpec:
+        if self.pass_k > self.samples:
+            raise ValueError(f"pass_k ({self.pass_k}) needs samples >= pass_k (samples is {self.samples})")
+        return self
 
 
 class MethodSpec(_Strict):
@@ -98,8 +141,8 @@ class SearchSpec(_Strict):
 
     trials_per_method: PositiveInt = 8  # TPE needs a handful of trials per method to beat random search
     seed: int = 0  # seeds each method's TPE sampler, so a sweep is repeatable
-    metric: Literal["exact_match", "eval_loss"] = "exact_match"  # what the built-in task is judged by
-    mode: Literal["max", "min"] | None = None  # None: max for exact_match, min for eval_loss
+    metric: str | None = None  # None: the data format's main metric (exact_match for prompt_completion)
+    mode: Literal["max", "min"] | None = None  # None: min for losses (eval_loss, forgetting), else max
     early_stopping: Literal["asha", "none"] = "asha"  # ASHA stops hopeless LRs after a grace period
     grace_period_evals: PositiveInt = 1  # ASHA compares trials only after this many eval points
     reduction_factor: float = Field(2.0, gt=1.0)  # ASHA keeps the top 1/reduction_factor at each rung
@@ -107,22 +150,48 @@ class SearchSpec(_Strict):
 
     @property
     def direction(self) -> Literal["max", "min"]:
-        return self.mode or ("max" if self.metric == "exact_match" else "min")
+        from peftsweep.trainables.task_metrics import LOWER_IS_BETTER
+
+        return self.mode or ("min" if self.metric in LOWER_IS_BETTER else "max")
+
+
+class SamSpec(_Strict):
+    """SAM / SL-SAM knobs (arXiv 2602.09395 defaults)."""
+
+    rho: PositiveFloat = 0.01  # perturbation radius ρ
+    sparsity: float = Field(0.2, gt=0.0, le=1.0)  # fraction of parameter tensors perturbed per step (sl_sam)
+    bandit_lr: PositiveFloat = 1e-3  # EXP3 step size of the tensor-choosing bandit
+    min_prob: float = Field(1e-3, gt=0.0, lt=1.0)  # floor of every tensor's selection probability
+
+
+class GradualSpec(_Strict):
+    """Gradual fine-tuning: the target anneals from the base model's distribution to the data's."""
+
+    tau0: float = Field(0.0, ge=0.0, le=1.0)  # weight of the data at step 0; 0 = start from the base model
+    anneal_fraction: float = Field(0.5, ge=0.0, le=1.0)  # τ reaches 1 after this fraction of the steps
+    schedule: Literal["linear", "cosine"] = "linear"
 
 
 class TrainingSpec(_Strict):
     """The per-trial training recipe (shared by every method, so comparisons are fair)."""
 
-    max_steps: PositiveInt = 150  # built-in task: best LRs reach ~0.7-0.9 exact match, 300 saturates
-    batch_size: PositiveInt = 32  # per worker; the built-in task is tuned for 32
+    max_steps: PositiveInt = 150  # optimizer steps; built-in task: best LRs reach ~0.7-0.9, 300 saturates
+    batch_size: PositiveInt = 32  # micro-batch per worker; the built-in task is tuned for 32
+    # examples per optimizer step over all workers; None: batch_size × workers (no gradient accumulation)
+    global_batch_size: PositiveInt | None = None
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)  # paper protocol: 3 % warmup
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # paper protocol: cosine decay
     weight_decay: NonNegativeFloat = 0.0  # paper protocol
     max_grad_norm: NonNegativeFloat = 1.0  # HF Trainer default, used by the paper's code; 0 disables clipping
     max_length: PositiveInt = 512  # paper protocol; tokens beyond are truncated
-    eval_every: PositiveInt = 75  # eval points are what ASHA compares; each costs a report + checkpoint
+    eval_every: PositiveInt = 75  # eval + adapter checkpoint every N steps; ASHA compares eval points
+    keep_checkpoints: PositiveInt = 2  # best k checkpoints per trial (search metric); the last is kept too
     seed: int = 0  # seeds data order and adapter init of every trial
     divergence_factor: PositiveFloat = 10.0  # loss above this × the first loss (or NaN/inf) → diverged, stop
+    optimizer: Literal["adamw", "sam", "sl_sam"] = "adamw"  # paper protocol: AdamW
+    sam: SamSpec = SamSpec()  # used by sam (every tensor perturbed) and sl_sam
+    objective: Literal["cross_entropy", "gradual"] = "cross_entropy"
+    gradual: GradualSpec = GradualSpec()  # used by objective: gradual
 
     @model_validator(mode="after")
     def _eval_fits(self) -> TrainingSpec:
@@ -141,6 +210,7 @@ class ResourcesSpec(_Strict):
     trial_driver_cpus: float = Field(0.05, gt=0.0)  # the Tune trial that drives Ray Train; Tune rejects 0
     zero_stage: int = Field(2, ge=0, le=3)  # paper protocol: DeepSpeed ZeRO-2
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 on CPU (bf16 is ~2× slower there)
+    max_worker_restarts: NonNegativeInt = 1  # a crashed worker group restarts from the last checkpoint
 
     @model_validator(mode="after")
     def _precision_fits_device(self) -> ResourcesSpec:
@@ -186,6 +256,8 @@ class SweepSpec(_Strict):
     training: TrainingSpec = TrainingSpec()
     resources: ResourcesSpec = ResourcesSpec()
     tracking: TrackingSpec = TrackingSpec()
+    evaluation: EvalSpec = EvalSpec()
+    forgetting: ForgettingSpec | None = None  # None: no forgetting check
 
     @field_validator("name")
     @classmethod
@@ -221,6 +293,48 @@ class SweepSpec(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @model_validator(mode="after")
+    def _recipe_fits(self) -> SweepSpec:
+        """Cross-section checks of the training recipe; each message names the fields to change."""
+        from peftsweep.trainables.task_metrics import metric_names
+
+        problems = []
+        allowed = list(metric_names(self.data.format)) + (["forgetting"] if self.forgetting else [])
+        metric = self.search.metric or allowed[0]
+        if metric not in allowed:
+            problems.append(
+                f"search.metric: {metric!r} is not a metric of format {self.data.format!r} {allowed}"
+            )
+        object.__setattr__(self, "search", self.search.model_copy(update={"metric": metric}))
+        tr, res = self.training, self.resources
+        if tr.optimizer != "adamw" and res.zero_stage > 2:
+            problems.append(
+                f"training.optimizer: {tr.optimizer} works up to ZeRO stage 2 (its ascent gradient needs "
+                f"unsharded weights), but resources.zero_stage is {res.zero_stage}"
+            )
+        if tr.objective == "gradual":
+            problems += [
+                f"methods.{i}: training.objective 'gradual' needs the base model's distribution from the "
+                f"same weights, adapter switched off; {m.name} trains or rewrites the base weights"
+                for i, m in enumerate(self.methods)
+                if not search_spaces.get_method(m.name).separable
+            ]
+        per_step = tr.batch_size * res.workers_per_trial
+        if tr.global_batch_size is not None and tr.global_batch_size % per_step:
+            problems.append(
+                f"training.global_batch_size ({tr.global_batch_size}) must be a multiple of batch_size × "
+                f"workers_per_trial ({per_step})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step on each worker (gradient accumulation to the global batch)."""
+        per_step = self.training.batch_size * self.resources.workers_per_trial
+        return (self.training.global_batch_size or per_step) // per_step
 
     def method(self, name: str) -> MethodSpec:
         return next(m for m in self.methods if m.name == name)

@@ -49,10 +49,63 @@ def test_minimal_spec_gets_defaults_from_one_place(tmp_path: Path) -> None:
         ({"methods": ["lora"], "resources": {"zero_stage": 4}}, "resources.zero_stage"),
         ({"methods": ["lora"], "resources": {"precision": "fp16"}}, "fp16' needs GPUs"),
         ({"methods": ["lora"], "search": {"trials_per_method": -1}}, "search.trials_per_method"),
+        (
+            {"methods": ["lora"], "search": {"metric": "accuracy"}},
+            "search.metric: 'accuracy' is not a metric",
+        ),
+        ({"methods": ["lora"], "data": {"format": "tabular"}}, "data.format"),
+        ({"methods": ["lora"], "data": {"split": [0.5, 0.5, 0.5]}}, "data: split [0.5, 0.5, 0.5] must be"),
+        (
+            {"methods": ["lora"], "evaluation": {"pass_k": 5}},
+            "evaluation: pass_k (5) needs samples >= pass_k",
+        ),
+        (
+            {"methods": ["lora"], "training": {"optimizer": "sl_sam"}, "resources": {"zero_stage": 3}},
+            "training.optimizer: sl_sam works up to ZeRO stage 2",
+        ),
+        (
+            {"methods": ["lora", "fullft"], "training": {"objective": "gradual"}},
+            "methods.1: training.objective 'gradual' needs",
+        ),
+        (
+            {"methods": ["lora"], "training": {"batch_size": 16, "global_batch_size": 40}},
+            "training.global_batch_size (40) must be a multiple of batch_size × workers_per_trial (16)",
+        ),
+        ({"methods": ["lora"], "training": {"sam": {"sparsity": 0}}}, "training.sam.sparsity"),
+        ({"methods": ["lora"], "forgetting": {"max_examples": 3}}, "forgetting.task: Field required"),
     ],
 )
 def test_bad_values_name_the_field(mutation: dict, expected: str) -> None:
     assert expected in _errors({"name": "t", **mutation})
+
+
+@pytest.mark.parametrize(
+    ("data", "search", "metric", "direction"),
+    [
+        ({}, {}, "exact_match", "max"),
+        ({"format": "classification"}, {}, "accuracy", "max"),
+        ({"format": "code"}, {}, "pass_at_k", "max"),
+        ({"format": "math"}, {"metric": "eval_loss"}, "eval_loss", "min"),
+    ],
+)
+def test_the_metric_defaults_to_the_formats_main_metric(
+    data: dict, search: dict, metric: str, direction: str
+) -> None:
+    spec = parse_spec({**MINIMAL, "data": data, "search": search})
+    assert (spec.search.metric, spec.search.direction) == (metric, direction)
+
+
+def test_forgetting_can_be_the_search_metric_and_accumulation_is_derived() -> None:
+    spec = parse_spec(
+        {
+            **MINIMAL,
+            "forgetting": {"task": "builtin:arith-add"},
+            "search": {"metric": "forgetting"},
+            "training": {"batch_size": 8, "global_batch_size": 32},
+            "resources": {"workers_per_trial": 2},
+        }
+    )
+    assert spec.search.direction == "min" and spec.accumulation_steps == 2
 
 
 def test_bad_name_and_missing_name() -> None:

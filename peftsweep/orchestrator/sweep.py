@@ -34,15 +34,25 @@ class SweepResult:
     seconds: float
 
 
-def check_inputs(spec: SweepSpec) -> None:
-    """Everything that can be checked before any cluster work: data files, the base model's location."""
-    from peftsweep.trainables.data import DataError, check_task_files
+def check_inputs(spec: SweepSpec) -> dict[str, dict[str, int]]:
+    """Everything that can be checked before any cluster work: data files, the base model's location.
+
+    Returns the rows per split of each data source (``data``, and ``forgetting`` when set).
+    """
+    from peftsweep.trainables.data import DataError
+    from peftsweep.trainables.formats import check_task
     from peftsweep.trainables.loop import resolve_base_model
 
-    try:
-        check_task_files(spec.data.task, spec.data.prompt_field, spec.data.completion_field)
-    except DataError as exc:
-        raise SpecError(f"data.task: {exc}") from None
+    sources = {"data": spec.data} | ({"forgetting": spec.forgetting} if spec.forgetting else {})
+    counts: dict[str, dict[str, int]] = {}
+    for section, source in sources.items():
+        split = getattr(source, "split", (1.0, 0.0, 0.0))  # forgetting data is used whole
+        try:
+            counts[section] = check_task(
+                source.task, source.format, dict(source.fields), split, getattr(source, "split_seed", 0)
+            )
+        except DataError as exc:
+            raise SpecError(f"{section}.task: {exc}") from None
     try:
         base = resolve_base_model(spec.base_model)
     except FileNotFoundError as exc:
@@ -62,6 +72,7 @@ def check_inputs(spec: SweepSpec) -> None:
         ]
         if problems:
             raise SpecError("\n".join(problems))
+    return counts
 
 
 def _check_resources(spec: SweepSpec) -> None:
@@ -77,7 +88,7 @@ def _check_resources(spec: SweepSpec) -> None:
         )
 
 
-def _search_method(spec: SweepSpec, method: str, callbacks: list) -> None:
+def _search_method(spec: SweepSpec, method: str, callbacks: list, data_dir: Path) -> None:
     """One Optuna study (RDB storage) per method, searched by Ray Tune with ASHA among this method only."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing; we show progress
     import optuna
@@ -113,7 +124,9 @@ def _search_method(spec: SweepSpec, method: str, callbacks: list) -> None:
         if search.early_stopping == "asha"
         else FIFOScheduler()
     )
-    trainable = tune.with_parameters(tune_trial, spec_json=spec.model_dump(mode="json"), method=method)
+    trainable = tune.with_parameters(
+        tune_trial, spec_json=spec.model_dump(mode="json"), method=method, data_dir=str(data_dir)
+    )
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": res.trial_driver_cpus}),
         tune_config=tune.TuneConfig(
@@ -132,6 +145,24 @@ def _search_method(spec: SweepSpec, method: str, callbacks: list) -> None:
     tuner.fit()
 
 
+def _prepare(spec: SweepSpec, console: Console) -> Path:
+    """Tokenize the data once for the whole sweep (cached across runs of the same spec and files)."""
+    from peftsweep.trainables.data import DataError
+    from peftsweep.trainables.prepared import prepare_data
+
+    t0 = time.monotonic()
+    with console.status("preparing data (tokenised once per sweep)…"):
+        try:
+            data_dir = prepare_data(spec)
+        except DataError as exc:
+            raise SpecError(f"data.task: {exc}") from None
+    counts = json.loads((data_dir / "DONE").read_text())
+    console.print(
+        "data: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" rows ({time.monotonic() - t0:.1f} s)"
+    )
+    return data_dir
+
+
 def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console | None = None) -> SweepResult:
     """Run the whole sweep; nothing starts when the spec's inputs are bad."""
     from peftsweep.orchestrator.progress import SweepProgress
@@ -141,6 +172,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console |
     t0 = time.monotonic()
     check_inputs(spec)
     spec.tracking.root.mkdir(parents=True, exist_ok=True)
+    data_dir = _prepare(spec, console)
     console.print(
         f"[bold]peftsweep[/] {spec.name}: {len(spec.methods)} method(s) × "
         f"{spec.search.trials_per_method} trials → {spec.tracking.root}"
@@ -157,7 +189,9 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console |
                 tracker.start_method(mspec.name)
                 progress.running = mspec.name
                 live.update(progress.table())
-                _search_method(spec, mspec.name, [TrialRecorder(tracker, mspec.name, progress.update)])
+                _search_method(
+                    spec, mspec.name, [TrialRecorder(tracker, mspec.name, progress.update)], data_dir
+                )
                 tracker.finish_method(mspec.name)
             progress.running = None
             live.update(progress.table())

@@ -25,15 +25,30 @@ METHOD_TAG = "peftsweep.method"
 OUTCOME_TAG = "peftsweep.outcome"  # completed | stopped_early | diverged | failed
 CHAMPION_ALIAS = "champion"
 ADAPTER_ARTIFACT = "adapter"
+# What every trial reports besides its format's task metrics (trainables.loop); logged when present.
 TRIAL_METRICS = (
-    "exact_match",
     "eval_loss",
     "train_loss",
     "lr",
     "diverged",
     "trainable_params",
     "adapter_bytes",
+    "general_loss",  # forgetting check (spec.forgetting)
+    "forgetting",
+    "forgetting_violated",
+    "perturbed_fraction",  # SL-SAM
+    "tau",  # gradual objective
+    "tokens_per_s",
+    "peak_memory_mb",  # GPU only
 )
+
+
+def trial_metric_names(spec: SweepSpec) -> tuple[str, ...]:
+    """Every metric name a trial of this spec can report: task metrics (validation and test) + the rest."""
+    from peftsweep.trainables.task_metrics import metric_names
+
+    task = metric_names(spec.data.format)
+    return tuple(dict.fromkeys((*task, *TRIAL_METRICS, *(f"test_{m}" for m in task))))
 
 
 @dataclass
@@ -132,9 +147,10 @@ class SweepTracker:
     def log_result(self, record: TrialRecord, result: dict[str, Any]) -> None:
         step = int(result.get("step", 0))
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), now, step) for k in TRIAL_METRICS if _finite(result.get(k))]
+        names = trial_metric_names(self.spec)
+        metrics = [Metric(k, float(result[k]), now, step) for k in names if _finite(result.get(k))]
         self.client.log_batch(record.run_id, metrics=metrics)
-        record.metrics = {k: float(result[k]) for k in TRIAL_METRICS if k in result}
+        record.metrics = {k: float(result[k]) for k in names if k in result}
         record.metrics["step"] = step
 
     def finish_trial(
@@ -150,10 +166,22 @@ class SweepTracker:
         else:
             record.status = "completed"
         if checkpoint_path and Path(checkpoint_path).is_dir():
-            self.client.log_artifacts(record.run_id, checkpoint_path, ADAPTER_ARTIFACT)
+            self._log_adapter(record.run_id, Path(checkpoint_path))
             record.has_adapter = True
         self.client.set_tag(record.run_id, OUTCOME_TAG, record.status)
         self.client.set_terminated(record.run_id, "FAILED" if error else "FINISHED")
+
+    def _log_adapter(self, run_id: str, checkpoint: Path) -> None:
+        """The checkpoint's adapter files, not its resume state (optimizer moments are not the product)."""
+        from peftsweep.trainables.loop import TRAINER_STATE
+
+        for entry in sorted(checkpoint.iterdir()):
+            if entry.name == TRAINER_STATE:
+                continue
+            if entry.is_dir():
+                self.client.log_artifacts(run_id, str(entry), f"{ADAPTER_ARTIFACT}/{entry.name}")
+            else:
+                self.client.log_artifact(run_id, str(entry), ADAPTER_ARTIFACT)
 
     def best_trial(self, method: str) -> TrialRecord | None:
         """The method's best trial with an adapter, judged on its last reported metric."""

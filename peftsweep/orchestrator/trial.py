@@ -11,7 +11,7 @@ from typing import Any
 from peftsweep.spec import SweepSpec
 
 
-def tune_trial(config: dict[str, Any], *, spec_json: dict[str, Any], method: str) -> None:
+def tune_trial(config: dict[str, Any], *, spec_json: dict[str, Any], method: str, data_dir: str) -> None:
     """Build and fit the trial's TorchTrainer with the params Optuna suggested (`lr`, `rank`)."""
     import ray.train
     import ray.tune
@@ -34,6 +34,7 @@ def tune_trial(config: dict[str, Any], *, spec_json: dict[str, Any], method: str
             "lr": float(config["lr"]),
             "rank": int(config.get("rank", 0)),  # 0: the method has no rank
             "seed": spec.training.seed,
+            "data_dir": data_dir,  # tokenized once by the driver (trainables.prepared)
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers_per_trial,
@@ -44,8 +45,14 @@ def tune_trial(config: dict[str, Any], *, spec_json: dict[str, Any], method: str
             name=f"train-{trial_id}",
             storage_path=str(spec.tracking.ray_storage / "train"),
             callbacks=[TuneReportCallback()],
-            # Adapter-only checkpoints; the driver logs the last one to MLflow when the trial ends.
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # Adapter-only checkpoints (+ resume state), best k by the search metric; Ray always keeps the
+            # latest too, which is what a restarted worker group resumes from and what the driver logs.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=spec.training.keep_checkpoints,
+                checkpoint_score_attribute=spec.search.metric,
+                checkpoint_score_order=spec.search.direction,
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=res.max_worker_restarts),
         ),
     )
     trainer.fit()

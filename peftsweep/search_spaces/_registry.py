@@ -62,6 +62,9 @@ class Method:
     # (AdaLoRA's update_and_allocate scores ranks from them). `step` counts from 1.
     after_backward: Callable[[Any, int], None] | None = None
     max_zero_stage: int = 3  # highest DeepSpeed ZeRO stage the method works under (e.g. needs full .grad)
+    # True: the model with its adapter switched off is the original base (what the gradual objective needs).
+    # False for methods that train the base weights themselves or rewrite them at init (PiSSA, MiLoRA, ...).
+    separable: bool = True
 
     def __post_init__(self) -> None:
         # Read-only view, so one caller cannot change another's defaults through the shared registry entry.

@@ -119,5 +119,6 @@ METHOD = register(
         uses_rank=False,
         export=_export,
         load=_load,
+        separable=False,  # the trained weights are the model's own: no adapter to switch off
     )
 )

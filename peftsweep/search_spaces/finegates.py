@@ -307,6 +307,7 @@ METHOD = register(
         uses_rank=False,
         export=_export,
         load=_load,
+        separable=False,  # the trained weights are the model's own: no adapter to switch off
         extra_loss=sparsity_loss,
         max_zero_stage=2,  # gate logits live on a never-called holder module, which ZeRO-3 would not gather
     )

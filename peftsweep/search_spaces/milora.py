@@ -63,5 +63,6 @@ METHOD = register(
         ranks=DEFAULT_RANKS,
         options={},
         apply=_apply,
+        separable=False,  # the init rewrites the base weights: adapter off ≠ the original model
     )
 )

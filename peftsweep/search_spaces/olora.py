@@ -38,6 +38,7 @@ METHOD = register(
         ranks=DEFAULT_RANKS,
         options={},
         apply=_apply,
+        separable=False,  # the init rewrites the base weights: adapter off ≠ the original model
         unsupported={"gpt2": CONV1D_REASON},
     )
 )

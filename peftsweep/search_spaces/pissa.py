@@ -45,5 +45,6 @@ METHOD = register(
         # None selects exact SVD.
         options={"niter": 4},
         apply=_apply,
+        separable=False,  # the init rewrites the base weights: adapter off ≠ the original model
     )
 )

@@ -104,7 +104,17 @@ def pretrain_examples(
     return train if split == "train" else held
 
 
-TASK_GENERATORS = {"arith-sub": subtraction_examples}  # name -> all rows of that built-in fine-tuning task
+def heldout_addition_examples() -> list[dict[str, str]]:
+    """The additions held out of pretraining: the base's own skill on unseen rows.
+
+    Why: general held-out data for the forgetting check (``forgetting.task: builtin:arith-add``) — learning to
+    subtract should not cost the base its addition.
+    """
+    return pretrain_examples("heldout")
+
+
+# name -> all rows of that built-in task: arith-sub is the fine-tuning task, arith-add the forgetting check's
+TASK_GENERATORS = {"arith-sub": subtraction_examples, "arith-add": heldout_addition_examples}
 
 
 def task_examples(

@@ -1,11 +1,11 @@
-"""Task data: locate and validate JSONL files, load them as datasets, tokenize and collate for causal LM SFT.
+"""Encoding for causal-LM SFT (response-only labels, padding) and the built-in task's JSONL directories.
 
-Why: a sweep must fail *before* any cluster work on a bad dataset, with a message that names the file and the
-line, so validation here is pure Python (``json`` only). Loading and tokenizing happen later, inside the
-trial, where torch and datasets are imported anyway.
+Why here: every format (``formats.py``) normalises to prompt/completion rows, and this module turns those into
+``input_ids``/``labels`` with the loss on the response only — one encoding for training and evaluation.
 
-A task is a directory with ``train.jsonl`` and ``eval.jsonl``: one JSON object per line with a prompt and a
-completion string field. ``builtin:NAME`` names a task packaged with peftsweep.
+It also keeps the simple task layout of the built-in tasks — a directory with ``train.jsonl`` and
+``eval.jsonl`` of prompt/completion rows — with pure-Python validation (``check_task_files``, ``load_split``)
+used by the asset builder and the tests. ``builtin:NAME`` names a task packaged with peftsweep.
 """
 
 from __future__ import annotations

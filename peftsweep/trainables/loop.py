@@ -1,24 +1,37 @@
-"""One trial's training recipe, run by every Ray Train worker: setup → train → evaluate/report → stop.
+"""One trial's training recipe, run by every Ray Train worker: setup → train → evaluate/checkpoint → stop.
 
 Reads top to bottom like a plain PyTorch loop. The engine is DeepSpeed (ZeRO stage from the spec) on GPU and
 on CPU alike (gloo), so the code path is the same everywhere. Workers never talk to MLflow: they report
-metrics and an adapter-only checkpoint; the driver records them.
+metrics and a checkpoint directory; the driver records them.
+
+A checkpoint (one per eval point) holds the exported adapter at its top level — what MLflow logs — and, under
+``trainer_state/``, what a restarted worker needs to continue the same loss curve: DeepSpeed's checkpoint of
+the *trainable* parameters and optimizer/scheduler state (never the frozen base weights), the loop's position
+in the data, and the RNG and SL-SAM bandit states.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
-from contextlib import nullcontext
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peftsweep.spec import SweepSpec
 
-# report(metrics, adapter_dir): adapter_dir is a directory holding the exported adapter (rank 0) or None.
+# report(metrics, checkpoint_dir): every rank passes its own directory (rank 0's holds the adapter), or None
+# when there is nothing to checkpoint (a diverged trial).
 Reporter = Callable[[dict[str, float], Path | None], None]
+
+TRAINER_STATE = "trainer_state"  # checkpoint subdirectory with the resume state; not part of the adapter
+_DS_TAG = "state"  # DeepSpeed checkpoint tag inside TRAINER_STATE
 
 
 def resolve_base_model(name: str) -> str:
@@ -30,12 +43,13 @@ def resolve_base_model(name: str) -> str:
     return name
 
 
-def deepspeed_config(spec: SweepSpec) -> dict[str, Any]:
-    """The DeepSpeed engine config derived from the spec (micro-batch per worker, ZeRO stage, precision)."""
+def deepspeed_config(spec: SweepSpec, world_size: int = 1) -> dict[str, Any]:
+    """The DeepSpeed engine config from the spec (batch sizes, accumulation, ZeRO stage, precision)."""
     tr, res = spec.training, spec.resources
     return {
         "train_micro_batch_size_per_gpu": tr.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": spec.accumulation_steps,
+        "train_batch_size": tr.batch_size * spec.accumulation_steps * world_size,
         "gradient_clipping": tr.max_grad_norm,
         "zero_optimization": {"stage": res.zero_stage},
         "bf16": {"enabled": res.precision == "bf16"},
@@ -46,18 +60,68 @@ def deepspeed_config(spec: SweepSpec) -> dict[str, Any]:
     }
 
 
-def run_trial(spec: SweepSpec, method: str, lr: float, rank: int, seed: int, report: Reporter) -> None:
-    """Fine-tune one adapter and report metrics + adapter at every eval point.
+@dataclass
+class Progress:
+    """Where the loop is; saved with every checkpoint so that a restarted worker continues from there."""
 
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_done: int = 0  # micro-batches of `epoch` already consumed
+    first_loss: float | None = None  # the divergence guard's reference
+    general_loss_base: float | None = None  # forgetting check: the general loss before fine-tuning
+    resumed_from_step: int = 0  # 0: never resumed
+    # train loss per optimizer step (continuation checks)
+    history: list[float] = field(default_factory=list)
+
+
+def run_trial(
+    spec: SweepSpec,
+    method: str,
+    lr: float,
+    rank: int,
+    seed: int,
+    report: Reporter,
+    *,
+    data_dir: Path | None = None,
+    resume_from: Path | None = None,
+) -> None:
+    """Fine-tune one adapter, evaluating and checkpointing every `eval_every` steps.
+
+    ``data_dir``: the sweep's prepared (tokenized) data; None prepares it here (standalone use).
+    ``resume_from``: a checkpoint directory reported earlier by this trial; training continues from it.
     Needs an initialised torch.distributed process group (Ray Train provides one; see `init_standalone`).
     """
+    from peftsweep.trainables.prepared import prepare_data
+
+    data_dir = data_dir or prepare_data(spec)
     # Scratch space for the method's initial-adapter snapshot (PiSSA/MiLoRA export); removed at the end.
-    with tempfile.TemporaryDirectory(prefix="peftsweep-trial-") as scratch:
-        _train(spec, method, lr, rank, seed, report, Path(scratch))
+    with tempfile.TemporaryDirectory(prefix="peftsweep-trial-") as scratch, _free_accelerator_memory():
+        _train(spec, method, lr, rank, seed, report, Path(scratch), data_dir, resume_from)
+
+
+@contextmanager
+def _free_accelerator_memory() -> Iterator[None]:
+    """Release the trial's GPU memory when it ends, however it ends (early stop, divergence, error)."""
+    try:
+        yield
+    finally:
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _train(
-    spec: SweepSpec, method: str, lr: float, rank: int, seed: int, report: Reporter, workdir: Path
+    spec: SweepSpec,
+    method: str,
+    lr: float,
+    rank: int,
+    seed: int,
+    report: Reporter,
+    workdir: Path,
+    data_dir: Path,
+    resume_from: Path | None,
 ) -> None:
     import deepspeed
     import torch
@@ -67,10 +131,13 @@ def _train(
     from transformers.utils import logging as hf_logging
 
     from peftsweep import search_spaces
-    from peftsweep.trainables.data import collate, load_split, tokenize_for_training
-    from peftsweep.trainables.metrics import evaluate
+    from peftsweep.trainables.data import collate
+    from peftsweep.trainables.metrics import completion_loss
+    from peftsweep.trainables.objectives import GradualSchedule, gradual_step_loss
+    from peftsweep.trainables.optim import SparseSAM
+    from peftsweep.trainables.prepared import load_prepared
 
-    tr, data, mspec = spec.training, spec.data, spec.method(method)
+    tr, mspec = spec.training, spec.method(method)
     world, rank_id = dist.get_world_size(), dist.get_rank()
 
     # --- setup: base model, adapter, data -------------------------------------------------------------
@@ -80,6 +147,8 @@ def _train(
     hf_logging.disable_progress_bar()  # per-trial weight-loading bars only clutter worker logs
     base_path = resolve_base_model(spec.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
+    # fp32 master weights; DeepSpeed casts to bf16/fp16 when the spec asks for it. The full base is loaded
+    # (never zero.Init), so SVD inits (PiSSA, MiLoRA) see whole weights before ZeRO-3 shards them.
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     hparams = search_spaces.AdapterHParams(
         rank=rank,
@@ -92,18 +161,23 @@ def _train(
     recipe = search_spaces.get_method(method)
     model = recipe.apply(model, hparams, workdir)
 
-    train_ds = tokenize_for_training(
-        load_split(data.task, "train", data.prompt_field, data.completion_field), tokenizer, tr.max_length
-    )
-    eval_ds = load_split(data.task, "eval", data.prompt_field, data.completion_field, data.max_eval_examples)
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank_id, shuffle=True, seed=seed)
+    data = load_prepared(data_dir)
+    sampler = DistributedSampler(data.train, num_replicas=world, rank=rank_id, shuffle=True, seed=seed)
     loader = DataLoader(
-        train_ds.with_format(columns=["input_ids", "labels"]),
+        data.train,
         batch_size=tr.batch_size,
         sampler=sampler,
         collate_fn=lambda feats: collate(feats, tokenizer.pad_token_id),
         drop_last=True,
+        # Its own generator: creating an epoch's iterator must not advance the global RNG, or a resumed
+        # trial's dropout masks would differ from the uninterrupted run's.
+        generator=torch.Generator().manual_seed(seed),
     )
+    if len(loader) == 0:
+        raise ValueError(
+            f"{len(data.train)} training rows per {world} worker(s) cannot fill one batch of "
+            f"{tr.batch_size}: lower training.batch_size"
+        )
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_params = sum(p.numel() for p in trainable)
@@ -116,59 +190,167 @@ def _train(
         num_training_steps=tr.max_steps,
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec, world)
     )
     device = engine.device
+    sam = None
+    if tr.optimizer != "adamw":
+        knobs = spec.training.sam
+        sam = SparseSAM(
+            trainable,
+            rho=knobs.rho,
+            sparsity=1.0 if tr.optimizer == "sam" else knobs.sparsity,
+            bandit_lr=knobs.bandit_lr,
+            min_prob=knobs.min_prob,
+            seed=seed,
+        )
+    gradual = GradualSchedule(**tr.gradual.model_dump()) if tr.objective == "gradual" else None
+
+    progress = Progress()
+    if resume_from is not None:
+        progress = _load_state(engine, sam, resume_from, rank_id)
+    if data.general is not None and progress.general_loss_base is None:
+        progress.general_loss_base = completion_loss(engine.module, tokenizer, data.general)
+
+    def losses(batch: dict[str, Any], step: int, forward: Any) -> tuple[Any, Any, Any]:
+        """(objective to minimise, plain task cross-entropy, divergence guard's value) of a micro-batch.
+
+        ``forward`` is the engine, or its bare module for SAM's ascent pass: a loss from the engine's
+        forward would start DeepSpeed's backward bookkeeping under ``autograd.grad``.
+        """
+        if gradual is not None:
+            target_loss, task = gradual_step_loss(forward, batch, gradual.tau(step, tr.max_steps))
+        else:
+            target_loss = task = forward(**batch).loss
+        extra = recipe.extra_loss(engine.module) if recipe.extra_loss else 0.0
+        # The guard watches the data loss plus any penalty, not the gradual target: that target moves from the
+        # base model's distribution to the data's, so its loss legitimately grows during training.
+        return target_loss + extra, task, task + extra
 
     # --- train ------------------------------------------------------------------------------------------
-    step, epoch, first_loss, window = 0, 0, None, []
+    step, epoch = progress.step, progress.epoch
+    window: list[float] = []
+    stats = _fresh_stats()
+    accum = torch.zeros(3, dtype=torch.float64)  # task loss, objective, guarded objective over a step
     engine.train()
     while step < tr.max_steps:
         sampler.set_epoch(epoch)
-        for batch in loader:
+        skip = progress.batches_done if epoch == progress.epoch else 0
+        for index, batch in enumerate(loader):
+            if index < skip:
+                continue  # consumed before the checkpoint this trial resumed from
+            tick = time.perf_counter()
+            stats["tokens"] += int(batch["attention_mask"].sum())
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = engine(**batch).loss
-            total = loss + recipe.extra_loss(engine.module) if recipe.extra_loss else loss
-            engine.backward(total)
-            step += 1
-            if recipe.after_backward:
-                recipe.after_backward(engine.module, step)
+            objective, task, guarded = losses(batch, step, engine if sam is None else engine.module)
+            if sam is not None:
+                # SAM's two passes: ascend on a (bandit-chosen) subset of tensors, take the gradient there.
+                sam.ascent(objective)
+                stats["perturbed"] += sam.last_perturbed_fraction
+                engine.backward(losses(batch, step, engine)[0])
+                sam.restore()
+            else:
+                engine.backward(objective)
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary and recipe.after_backward:
+                recipe.after_backward(engine.module, step + 1)
             engine.step()
+            stats["micro"] += 1
+            stats["seconds"] += time.perf_counter() - tick
+            accum += torch.stack([t.detach().double().cpu() for t in (task, objective, guarded)])
+            if not boundary:
+                continue
+            step += 1
 
-            # Divergence guard on the whole objective; every worker must agree, because every worker must
-            # report the same number of times. train_loss is the task loss alone, comparable across methods.
-            losses = torch.stack([loss.detach().float(), total.detach().float()])
-            dist.all_reduce(losses)
-            task_loss, objective = (losses / world).tolist()
-            first_loss = objective if first_loss is None else first_loss
+            # Divergence guard; every worker must agree, because every worker must report the same number of
+            # times. train_loss is the task loss alone, comparable across methods and objectives.
+            totals = accum / spec.accumulation_steps
+            dist.all_reduce(totals)
+            task_loss, objective_loss, guard = (totals / world).tolist()
+            accum.zero_()
+            progress.first_loss = guard if progress.first_loss is None else progress.first_loss
+            progress.history.append(task_loss)
             window.append(task_loss)
-            if not math.isfinite(objective) or objective > tr.divergence_factor * first_loss:
-                report(_diverged_metrics(step, objective, spec), None)
+            if (
+                not math.isfinite(objective_loss)
+                or not math.isfinite(guard)
+                or guard > tr.divergence_factor * progress.first_loss
+            ):
+                report(_diverged_metrics(step, objective_loss, spec), None)
                 return
 
             if step % tr.eval_every == 0 or step == tr.max_steps:
-                metrics = evaluate(engine.module, tokenizer, eval_ds)
+                progress.step, progress.epoch, progress.batches_done = step, epoch, index + 1
+                metrics = _evaluate(spec, engine, tokenizer, data, progress, final=step == tr.max_steps)
                 metrics |= {
                     "step": step,
                     "train_loss": sum(window) / len(window),
                     "lr": scheduler.get_last_lr()[0],
+                    "diverged": 0.0,
+                    "trainable_params": trainable_params,
                 }
-                metrics |= {"diverged": 0.0, "trainable_params": trainable_params}
-                window = []
+                metrics |= _throughput(stats, world, device)
+                if sam is not None:
+                    metrics["perturbed_fraction"] = stats["perturbed"] / max(1, stats["micro"])
+                if gradual is not None:
+                    metrics["tau"] = gradual.tau(step, tr.max_steps)
+                window, stats = [], _fresh_stats()
                 with tempfile.TemporaryDirectory(prefix="peftsweep-ckpt-") as ckpt:
                     metrics["adapter_bytes"] = _export(engine, spec, method, Path(ckpt), workdir, rank_id)
-                    report(metrics, Path(ckpt) if rank_id == 0 else None)
+                    _save_state(engine, sam, progress, Path(ckpt), rank_id)
+                    report(metrics, Path(ckpt))
                 engine.train()
             if step >= tr.max_steps:
                 break
         epoch += 1
 
 
+def _evaluate(
+    spec: SweepSpec, engine: Any, tokenizer: Any, data: Any, progress: Progress, final: bool
+) -> dict[str, float]:
+    """Task metrics on the validation split; the forgetting check; test-split metrics at the last step."""
+    from peftsweep.trainables.metrics import completion_loss, evaluate
+
+    options = spec.evaluation.model_dump()
+    metrics = evaluate(engine.module, tokenizer, data.validation, spec.data.format, **options)
+    if final and data.test is not None:
+        test = evaluate(engine.module, tokenizer, data.test, spec.data.format, **options)
+        metrics |= {f"test_{name}": value for name, value in test.items()}
+    if data.general is not None:
+        general = completion_loss(engine.module, tokenizer, data.general)
+        forgetting = general - float(progress.general_loss_base or 0.0)
+        metrics |= {"general_loss": general, "forgetting": forgetting}
+        cap = spec.forgetting.max_increase if spec.forgetting else None
+        violated = cap is not None and forgetting > cap
+        metrics["forgetting_violated"] = float(violated)
+        if violated:  # a constraint, not a trade-off: the sampler and ASHA must never prefer this trial
+            metrics[spec.search.metric] = _worst(spec)
+    return metrics
+
+
+def _fresh_stats() -> dict[str, float]:
+    """Counters since the last eval point: SL-SAM's perturbed fraction, micro-batches, tokens, step time."""
+    return {"perturbed": 0.0, "micro": 0, "tokens": 0, "seconds": 0.0}
+
+
+def _throughput(stats: dict[str, float], world: int, device: Any) -> dict[str, float]:
+    """Tokens/s of the training steps since the last eval (all workers), and peak accelerator memory."""
+    import torch
+
+    out = {"tokens_per_s": stats["tokens"] * world / max(stats["seconds"], 1e-9)}
+    if device.type == "cuda":
+        out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def _worst(spec: SweepSpec) -> float:
+    return 0.0 if spec.search.direction == "max" else float("inf")
+
+
 def _diverged_metrics(step: int, loss: float, spec: SweepSpec) -> dict[str, float]:
     # The worst possible score, so neither the sampler nor ASHA ever prefers a diverged LR.
-    worst = 0.0 if spec.search.direction == "max" else float("inf")
-    metrics = {"exact_match": 0.0, "eval_loss": float("inf"), "step": step, "diverged": 1.0}
-    metrics[spec.search.metric] = worst
+    metrics = {"eval_loss": float("inf"), "step": step, "diverged": 1.0}
+    metrics[spec.search.metric] = _worst(spec)
     metrics["train_loss"] = loss if math.isfinite(loss) else float("inf")
     return metrics
 
@@ -193,17 +375,81 @@ def _export(engine: Any, spec: SweepSpec, method: str, out_dir: Path, workdir: P
     return 0
 
 
+def _save_state(engine: Any, sam: Any, progress: Progress, ckpt: Path, rank_id: int) -> None:
+    """Resume state under ``ckpt/trainer_state``: every rank writes its own shard (Ray merges the dirs)."""
+    import torch
+
+    state_dir = ckpt / TRAINER_STATE
+    # Trainable parameters only: the frozen base is rebuilt from the base model and the method's init.
+    engine.save_checkpoint(str(state_dir), tag=_DS_TAG, exclude_frozen_parameters=True)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(
+        {"rng": rng, "sam": sam.state_dict() if sam is not None else None},
+        state_dir / f"rank{rank_id}.pt",
+    )
+    if rank_id == 0:
+        (state_dir / "progress.json").write_text(json.dumps(asdict(progress)))
+
+
+def _load_state(engine: Any, sam: Any, ckpt: Path, rank_id: int) -> Progress:
+    """Restore what `_save_state` wrote; the next step is the one after the checkpoint's."""
+    import torch
+
+    state_dir = ckpt / TRAINER_STATE
+    if not (state_dir / "progress.json").is_file():
+        raise FileNotFoundError(f"{ckpt}: no {TRAINER_STATE}/progress.json; not a peftsweep checkpoint")
+    load_path, _ = engine.load_checkpoint(
+        str(state_dir),
+        tag=_DS_TAG,
+        load_module_strict=False,  # the checkpoint holds only the trainable parameters
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise RuntimeError(f"{state_dir}: DeepSpeed could not load checkpoint tag {_DS_TAG!r}")
+    extra = torch.load(state_dir / f"rank{rank_id}.pt", weights_only=False)  # our own file, written above
+    torch.set_rng_state(extra["rng"]["cpu"])
+    if "cuda" in extra["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(extra["rng"]["cuda"])
+    if sam is not None and extra["sam"] is not None:
+        sam.load_state_dict(extra["sam"])
+    progress = Progress(**json.loads((state_dir / "progress.json").read_text()))
+    progress.resumed_from_step = progress.step
+    return progress
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: rebuild the spec and report through `ray.train.report`."""
+    """Ray Train entry point: rebuild the spec, resume from Ray's latest checkpoint, report through Ray."""
     import ray.train
+    import torch
 
     spec = SweepSpec.model_validate(config["spec"])
+    if torch.cuda.is_available():
+        import ray.train.torch
 
-    def report(metrics: dict[str, float], adapter_dir: Path | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(str(adapter_dir)) if adapter_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        # DeepSpeed picks its device from LOCAL_RANK; make it the GPU Ray assigned to this worker.
+        os.environ["LOCAL_RANK"] = str(ray.train.torch.get_device().index or 0)
 
-    run_trial(spec, config["method"], config["lr"], config["rank"], config["seed"], report)
+    checkpoint = ray.train.get_checkpoint()  # set when Ray restarted the worker group after a failure
+    # Fault injection (tests, reliability drills): crash once, right after the report at this step.
+    fault_after = config.get("fault_after_step") if checkpoint is None else None
+
+    def report(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
+        )
+        if fault_after is not None and metrics.get("step") == fault_after:
+            raise RuntimeError(f"injected fault after step {fault_after}")
+
+    data_dir = Path(config["data_dir"]) if config.get("data_dir") else None
+    args = (spec, config["method"], config["lr"], config["rank"], config["seed"], report)
+    if checkpoint is None:
+        run_trial(*args, data_dir=data_dir)
+        return
+    with checkpoint.as_directory() as ckpt:
+        run_trial(*args, data_dir=data_dir, resume_from=Path(ckpt))
 
 
 def init_standalone() -> None:

@@ -1,81 +1,117 @@
-"""Evaluation of a causal LM on prompt/completion rows: greedy exact match and teacher-forced loss.
+"""Evaluation of a causal LM on prompt/completion rows: generated answers scored by task metrics, plus loss.
 
-Why: the sweep ranks methods by exact match of greedy answers (what a user of the adapter sees) and also
-reports the completion loss (smooth, useful to spot divergence and for early stopping). Both must be
-deterministic, so two evaluations of the same weights give the same numbers.
+Why: the sweep ranks methods by a task metric of generated answers (what a user of the adapter sees:
+exact match, final number, accuracy/F1, pass@k) and also reports the completion loss (smooth, useful to spot
+divergence and for early stopping). Greedy evaluation is deterministic, so two evaluations of the same
+weights give the same numbers. The scoring itself lives in ``task_metrics`` (pure Python).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from peftsweep.trainables.data import IGNORE_INDEX, _encode, collate
 
 if TYPE_CHECKING:
     import datasets
-    import torch
 
 
 def evaluate(
     model: Any,
     tokenizer: Any,
-    examples: datasets.Dataset | Iterable[Mapping[str, str]],
+    examples: datasets.Dataset | Iterable[Mapping[str, Any]],
+    fmt: str = "prompt_completion",
+    *,
     batch_size: int = 256,  # the whole built-in eval set in one or two forward passes; memory is tiny
     max_new_tokens: int | None = None,  # None: longest reference + 1, enough to see the EOS after any answer
+    samples: int = 1,  # generations per prompt; 1 = greedy
+    temperature: float = 0.8,  # only with samples > 1
+    pass_k: int = 1,
+    code_timeout_s: float = 5.0,
+    code_memory_mb: int = 512,
 ) -> dict[str, float]:
-    """``{"exact_match", "eval_loss"}`` of ``model`` (plain HF or ``peft.PeftModel``) on ``examples``.
+    """The format's task metrics (``task_metrics.FORMAT_METRICS``) plus ``eval_loss`` on ``examples``.
 
-    exact_match: greedy generation from BOS + prompt, cut at EOS, stripped, equal to the stripped completion.
-    eval_loss: mean cross-entropy per completion(+EOS) token, teacher-forced. The model's train/eval mode is
-    restored afterwards.
+    Answers are generated from BOS + prompt, batched, greedy unless ``samples`` > 1, cut at EOS, and scored by
+    ``task_metrics.score`` (code runs in the sandbox). eval_loss: mean cross-entropy per completion(+EOS)
+    token, teacher-forced. The model (plain HF or ``peft.PeftModel``) keeps its train/eval mode.
     """
-    import torch
+    from peftsweep.trainables.task_metrics import score
 
-    rows = [(str(r["prompt"]), str(r["completion"])) for r in examples]
+    rows = [dict(r) for r in examples]
     if not rows:
         raise ValueError("evaluate() needs at least one example")
-    prompts = tokenizer([p for p, _ in rows], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([c for _, c in rows], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([str(r["prompt"]) for r in rows], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([str(r["completion"]) for r in rows], add_special_tokens=False)["input_ids"]
     if max_new_tokens is None:
         max_new_tokens = max(len(c) for c in completions) + 1
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    pad_id = _pad_id(tokenizer)
-    device = next(model.parameters()).device
+    with _eval_mode(model):
+        answers = _generate(
+            model, tokenizer, [bos + p for p in prompts], batch_size, max_new_tokens, samples, temperature
+        )
+        loss = _completion_loss(model, tokenizer, prompts, completions, batch_size)
+    metrics = score(fmt, answers, rows, k=pass_k, timeout_s=code_timeout_s, memory_mb=code_memory_mb)
+    return {**metrics, "eval_loss": loss}
+
+
+def completion_loss(
+    model: Any, tokenizer: Any, examples: Iterable[Mapping[str, Any]], batch_size: int = 256
+) -> float:
+    """Mean teacher-forced cross-entropy per completion(+EOS) token: the forgetting check's general loss."""
+    rows = list(examples)
+    if not rows:
+        raise ValueError("completion_loss() needs at least one example")
+    prompts = tokenizer([str(r["prompt"]) for r in rows], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([str(r["completion"]) for r in rows], add_special_tokens=False)["input_ids"]
+    with _eval_mode(model):
+        return _completion_loss(model, tokenizer, prompts, completions, batch_size)
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """Eval mode and no autograd inside; the caller's train/eval mode is restored afterwards."""
+    import torch
 
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            inputs = [bos + p for p in prompts]
-            answers = _greedy(model, tokenizer, inputs, batch_size, max_new_tokens, pad_id, device)
-            loss_sum, n_tokens = 0.0, 0
-            for start in range(0, len(rows), batch_size):
-                chunk = zip(
-                    prompts[start : start + batch_size], completions[start : start + batch_size], strict=True
-                )
-                feats = [_encode(tokenizer, p, c, max_length=1 << 30) for p, c in chunk]  # no truncation
-                batch = {k: v.to(device) for k, v in collate(feats, pad_id).items()}
-                labels = batch.pop("labels")
-                # Cross-entropy from the logits, not `model(..., labels).loss`: some methods add their own
-                # penalty to it (AdaLoRA's orthogonality term), and eval_loss must mean the same for all.
-                # Prompt methods prepend virtual tokens, so keep the last positions, aligned with the labels.
-                logits = model(**batch).logits[:, -labels.shape[1] :].float()
-                targets = labels[:, 1:]  # position t predicts token t+1
-                loss_sum += float(
-                    torch.nn.functional.cross_entropy(
-                        logits[:, :-1].reshape(-1, logits.shape[-1]),
-                        targets.reshape(-1),
-                        ignore_index=IGNORE_INDEX,
-                        reduction="sum",
-                    )
-                )
-                n_tokens += int((targets != IGNORE_INDEX).sum())
+            yield
     finally:
         model.train(was_training)
 
-    hits = sum(a.strip() == c.strip() for a, (_, c) in zip(answers, rows, strict=True))
-    return {"exact_match": hits / len(rows), "eval_loss": loss_sum / max(1, n_tokens)}
+
+def _completion_loss(
+    model: Any, tokenizer: Any, prompts: list[list[int]], completions: list[list[int]], batch_size: int
+) -> float:
+    import torch
+
+    pad_id = _pad_id(tokenizer)
+    device = next(model.parameters()).device
+    loss_sum, n_tokens = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = zip(prompts[start : start + batch_size], completions[start : start + batch_size], strict=True)
+        feats = [_encode(tokenizer, p, c, max_length=1 << 30) for p, c in chunk]  # no truncation
+        batch = {k: v.to(device) for k, v in collate(feats, pad_id).items()}
+        labels = batch.pop("labels")
+        # Cross-entropy from the logits, not `model(..., labels).loss`: some methods add their own
+        # penalty to it (AdaLoRA's orthogonality term), and eval_loss must mean the same for all.
+        # Prompt methods prepend virtual tokens, so keep the last positions, aligned with the labels.
+        logits = model(**batch).logits[:, -labels.shape[1] :].float()
+        targets = labels[:, 1:]  # position t predicts token t+1
+        loss_sum += float(
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+        )
+        n_tokens += int((targets != IGNORE_INDEX).sum())
+    return loss_sum / max(1, n_tokens)
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -86,24 +122,27 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _greedy(
+def _generate(
     model: Any,
     tokenizer: Any,
     prompts: list[list[int]],
     batch_size: int,
     max_new_tokens: int,
-    pad_id: int,
-    device: torch.device,
-) -> list[str]:
-    """Decoded greedy continuations (up to EOS) of tokenized prompts, in input order.
+    samples: int,
+    temperature: float,
+) -> list[list[str]]:
+    """Decoded continuations (up to EOS) of tokenized prompts, ``samples`` per prompt, in input order.
 
     Prompts are sorted by length so that batches need little left padding; ``generate`` takes care of the
-    attention mask, position ids and PEFT prompt-learning prefixes.
+    attention mask, position ids and PEFT prompt-learning prefixes. One sample is greedy decoding.
     """
     import torch
 
+    pad_id = _pad_id(tokenizer)
+    device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature} if samples > 1 else {"do_sample": False}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
+    out: list[list[str]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in idx)
@@ -116,15 +155,16 @@ def _greedy(
         generated = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
-            do_sample=False,
             num_beams=1,
+            num_return_sequences=samples,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
+            **sampling,
         )
-        for row, i in enumerate(idx):
-            new = generated[row, width:].tolist()
+        for j, seq in enumerate(generated):  # row-major: samples of one prompt are adjacent
+            new = seq[width:].tolist()
             if tokenizer.eos_token_id in new:
                 new = new[: new.index(tokenizer.eos_token_id)]
-            out[i] = tokenizer.decode(new, skip_special_tokens=True)
+            out[idx[j // samples]].append(tokenizer.decode(new, skip_special_tokens=True))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -9,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from peftsweep.spec import SweepSpec, parse_spec
-from peftsweep.trainables.loop import deepspeed_config, init_standalone, run_trial, train_loop_per_worker
+from peftsweep.trainables.loop import (
+    TRAINER_STATE,
+    deepspeed_config,
+    init_standalone,
+    run_trial,
+    train_loop_per_worker,
+)
 
 
 def _spec(tmp_path: Path, **training: object) -> SweepSpec:
@@ -53,7 +60,35 @@ def test_two_workers_per_trial_train_and_checkpoint(ray_session: None, tmp_path:
     assert result.metrics["step"] == 20 and result.metrics["diverged"] == 0.0
     assert 0.0 <= result.metrics["exact_match"] <= 1.0 and math.isfinite(result.metrics["eval_loss"])
     files = {p.name for p in Path(result.checkpoint.path).iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert {"adapter_config.json", "adapter_model.safetensors", TRAINER_STATE} <= files
+    # Both ranks' resume shards were merged into the one checkpoint directory.
+    state = {p.name for p in (Path(result.checkpoint.path) / TRAINER_STATE).iterdir()}
+    assert {"rank0.pt", "rank1.pt", "progress.json"} <= state
+
+
+def test_a_crashed_worker_group_resumes_from_its_last_checkpoint(ray_session: None, tmp_path: Path) -> None:
+    """Ray restarts the failed group (FailureConfig) and the loop continues from the step-10 checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    spec = _spec(tmp_path)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            **{"method": "lora", "lr": 5e-3, "rank": 4, "seed": 0, "fault_after_step": 10},
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.45}),
+        run_config=ray.train.RunConfig(
+            name="restart",
+            storage_path=str(tmp_path / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=1),
+        ),
+    )
+    result = trainer.fit()
+    assert result.error is None and result.metrics["step"] == 20
+    progress = json.loads((Path(result.checkpoint.path) / TRAINER_STATE / "progress.json").read_text())
+    assert progress["resumed_from_step"] == 10 and len(progress["history"]) == 20
 
 
 def test_divergence_guard_reports_worst_score_and_stops(tmp_path: Path) -> None:
@@ -65,7 +100,7 @@ def test_divergence_guard_reports_worst_score_and_stops(tmp_path: Path) -> None:
     assert len(reports) == 1
     metrics, adapter = reports[0]
     assert metrics["diverged"] == 1.0 and metrics["step"] == 1
-    assert metrics["exact_match"] == 0.0 and adapter is None
+    assert metrics["exact_match"] == 0.0 and adapter is None  # the search metric gets the worst value
 
 
 def test_standalone_trial_reports_every_eval_point_with_an_adapter(tmp_path: Path) -> None:
@@ -82,6 +117,85 @@ def test_standalone_trial_reports_every_eval_point_with_an_adapter(tmp_path: Pat
     assert reports[-1][0]["train_loss"] < reports[0][0]["train_loss"]  # it learns
 
 
+def _run(spec: SweepSpec, tmp_path: Path, name: str, **kwargs: object) -> tuple[list[dict], list[Path]]:
+    """Run a standalone trial; keep a copy of every checkpoint (the loop deletes its own after reporting)."""
+    init_standalone()
+    reports: list[dict] = []
+    copies: list[Path] = []
+
+    def record(metrics: dict, ckpt: Path | None) -> None:
+        reports.append(metrics)
+        if ckpt is not None:
+            copies.append(Path(shutil.copytree(ckpt, tmp_path / f"{name}-{metrics['step']}")))
+
+    run_trial(spec, "lora", kwargs.pop("lr", 1e-2), 4, 0, record, **kwargs)  # type: ignore[arg-type]
+    return reports, copies
+
+
+def _history(ckpt: Path) -> list[float]:
+    return json.loads((ckpt / TRAINER_STATE / "progress.json").read_text())["history"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sl_sam"])
+def test_resuming_from_a_checkpoint_continues_the_same_loss_curve(optimizer: str, tmp_path: Path) -> None:
+    """Stop-and-resume at step 10 gives the uninterrupted run's losses (dropout RNG, data order, optimizer
+    moments, LR schedule and the SL-SAM bandit all restored)."""
+    spec = _spec(tmp_path, optimizer=optimizer)
+    spec = spec.model_copy(update={"methods": [spec.methods[0].model_copy(update={"dropout": 0.1})]})
+    full, ckpts = _run(spec, tmp_path, "full")
+    resumed, again = _run(spec, tmp_path, "resumed", resume_from=ckpts[0])
+    assert [r["step"] for r in resumed] == [20]
+    assert _history(again[-1]) == pytest.approx(_history(ckpts[-1]), rel=1e-5, abs=1e-6)
+    assert resumed[-1]["eval_loss"] == pytest.approx(full[-1]["eval_loss"], rel=1e-5)
+    # The continuation is not trivially equal: the second half of the curve differs from the first.
+    assert _history(ckpts[-1])[10:] != pytest.approx(_history(ckpts[-1])[:10], rel=1e-3)
+
+
+def test_gradient_accumulation_reaches_the_global_batch(tmp_path: Path) -> None:
+    """2 micro-batches of 16 accumulate to the same steps as one batch of 32 (arith-sub answers all have
+    the same token count, so the per-token mean loss is identical)."""
+    big, big_ckpts = _run(_spec(tmp_path, batch_size=32), tmp_path, "big")
+    acc, acc_ckpts = _run(_spec(tmp_path, batch_size=16, global_batch_size=32), tmp_path, "acc")
+    assert [r["step"] for r in acc] == [10, 20]
+    assert _history(acc_ckpts[-1]) == pytest.approx(_history(big_ckpts[-1]), rel=1e-4)
+    assert (
+        deepspeed_config(_spec(tmp_path, batch_size=16, global_batch_size=64))["gradient_accumulation_steps"]
+        == 4
+    )
+
+
+def test_forgetting_check_gradual_objective_and_test_split_are_reported(tmp_path: Path) -> None:
+    from peftsweep.trainables.builtin import builtin_task_dir
+
+    one_file = tmp_path / "sub.jsonl"  # a single file: split 80/10/10 by data.split
+    one_file.write_text(
+        "".join((builtin_task_dir("arith-sub") / "train.jsonl").read_text().splitlines(True)[:640])
+    )
+    spec = parse_spec(
+        {
+            "name": "loop",
+            "methods": ["lora"],
+            "data": {"task": str(one_file), "max_eval_examples": 16},
+            "training": {
+                "max_steps": 10,
+                "eval_every": 5,
+                "objective": "gradual",
+                "gradual": {"tau0": 0.2, "anneal_fraction": 1.0},
+            },
+            "forgetting": {"task": "builtin:arith-add", "max_examples": 32, "max_increase": 1e-9},
+            "search": {"metric": "exact_match"},
+        },
+        base_dir=tmp_path,
+    )
+    reports, _ = _run(spec, tmp_path, "gradual", lr=3e-2)
+    first, last = reports
+    assert first["tau"] == pytest.approx(0.6) and last["tau"] == 1.0  # 0.2 → 1 over the 10 steps
+    assert math.isfinite(last["general_loss"]) and last["forgetting"] > 1e-9  # subtracting costs addition
+    assert last["forgetting_violated"] == 1.0 and last["exact_match"] == 0.0  # the constraint scores it worst
+    assert "test_exact_match" in last and "test_exact_match" not in first  # test split at the last step only
+    assert last["tokens_per_s"] > 0
+
+
 def _cpu_methods() -> list[str]:
     from peftsweep import search_spaces
 
@@ -89,8 +203,15 @@ def _cpu_methods() -> list[str]:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("method", _cpu_methods())
-def test_every_cpu_method_runs_in_the_real_loop_and_reloads(method: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("method", "zero_stage"),
+    [(m, 0) for m in _cpu_methods()]  # AdaLoRA's cap; every method runs at 0
+    # SVD inits see the whole weights (the base is loaded unsharded), then ZeRO-3 shards them.
+    + [("pissa", 3), ("milora", 3)],
+)
+def test_every_cpu_method_runs_in_the_real_loop_and_reloads(
+    method: str, zero_stage: int, tmp_path: Path
+) -> None:
     """DeepSpeed engine, the method's hooks, greedy eval and export → load_trained, for every method."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,7 +227,7 @@ def test_every_cpu_method_runs_in_the_real_loop_and_reloads(method: str, tmp_pat
             "methods": [method],
             "training": {"max_steps": 8, "eval_every": 8},
             "data": {"max_eval_examples": 16},
-            "resources": {"zero_stage": 0},  # AdaLoRA's cap; every method runs at 0
+            "resources": {"zero_stage": zero_stage},
         },
         base_dir=tmp_path,
     )
@@ -116,7 +237,7 @@ def test_every_cpu_method_runs_in_the_real_loop_and_reloads(method: str, tmp_pat
 
     def record(metrics: dict, adapter: Path | None) -> None:
         reports.append(metrics)
-        shutil.copytree(adapter, saved)
+        shutil.copytree(adapter, saved, ignore=shutil.ignore_patterns(TRAINER_STATE))
 
     reports: list[dict] = []
     run_trial(spec, method, lr, rank, 0, record)
