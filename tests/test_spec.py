@@ -167,3 +167,26 @@ def test_cli_validate_names_bad_data_file_and_row(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["validate", str(spec)])
     assert result.exit_code == 2
     assert "train.jsonl:2" in result.output and "completion" in result.output
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "fmt", "where"),
+    [
+        ("c.csv", "text,label\ngood film,pos\n,neg\n", "classification", "c.csv: row 3"),
+        ("q.jsonl", '{"question": "q?", "answers": ["a"]}\n{"question": "r?"}\n', "qa", "q.jsonl:2"),
+    ],
+)
+def test_cli_run_names_the_bad_row_of_a_formatted_file_before_any_cluster_work(
+    name: str, content: str, fmt: str, where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("peftsweep.cluster.connect", _no_cluster)
+    (tmp_path / name).write_text(content)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {"name": "t", "methods": ["lora"], "data": {"task": str(tmp_path / name), "format": fmt}}
+        )
+    )
+    result = CliRunner().invoke(app, ["run", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert where in result.output.replace("\n", ""), result.output
