@@ -147,6 +147,9 @@ class SearchSpec(_Strict):
     grace_period_evals: PositiveInt = 1  # ASHA compares trials only after this many eval points
     reduction_factor: float = Field(2.0, gt=1.0)  # ASHA keeps the top 1/reduction_factor at each rung
     n_startup_trials: PositiveInt = 3  # random trials before TPE models the space (small budgets)
+    # The new best replaces the registered champion only if it wins by more than this (metric units) on the
+    # same held-out rows; 0 = any strict improvement. Nightly sweeps: set it to the metric's seed noise.
+    promotion_margin: NonNegativeFloat = 0.0
 
     @property
     def direction(self) -> Literal["max", "min"]:

@@ -19,6 +19,9 @@ from peftsweep import cluster, search_spaces
 from peftsweep.spec import SpecError, SweepSpec
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from peftsweep.orchestrator.promotion import GateDecision
     from peftsweep.orchestrator.tracking import SweepTracker
 
 
@@ -29,9 +32,11 @@ class SweepResult:
     experiment_id: str
     sweep_run_id: str
     registry_name: str | None
-    champion: str | None  # method name
+    champion: str | None  # method of the sweep's overall best (registered as champion or challenger)
     best: dict[str, dict[str, float | int | str]]  # method -> lr, rank, metric, run_id
     seconds: float
+    promoted: bool = False  # the best passed the promotion gate and is now `@champion`
+    promotion_reason: str = ""
 
 
 def check_inputs(spec: SweepSpec) -> dict[str, dict[str, int]]:
@@ -145,6 +150,23 @@ def _search_method(spec: SweepSpec, method: str, callbacks: list, data_dir: Path
     tuner.fit()
 
 
+def _gate(spec: SweepSpec, tracker: SweepTracker, data_dir: Path) -> Callable[[str, str], GateDecision]:
+    """The promotion gate, evaluating adapters in a Ray task sized like one trial worker (GPU if trials have
+    one), so the driver stays light."""
+    import ray
+
+    from peftsweep.orchestrator.promotion import run_gate
+    from peftsweep.trainables.metrics import evaluate_adapter
+
+    res = spec.resources
+    task = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker)(evaluate_adapter)
+
+    def evaluate(spec_json: dict, data: str, adapter: str) -> dict[str, float]:
+        return ray.get(task.remote(spec_json, data, adapter))
+
+    return lambda name, run_id: run_gate(spec, tracker.client, name, run_id, str(data_dir), evaluate)
+
+
 def _prepare(spec: SweepSpec, console: Console) -> Path:
     """Tokenize the data once for the whole sweep (cached across runs of the same spec and files)."""
     from peftsweep.trainables.data import DataError
@@ -197,7 +219,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console |
             live.update(progress.table())
         console.print()
         bests = {m.name: b for m in spec.methods if (b := tracker.best_trial(m.name)) is not None}
-        registered = tracker.register(bests)
+        registered = tracker.register(bests, _gate(spec, tracker, data_dir))
         tracker.finish_sweep("FINISHED")
     except BaseException:
         if tracker is not None:
@@ -213,6 +235,8 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console |
         sweep_run_id=tracker.sweep_run_id,
         registry_name=registered[0] if registered else None,
         champion=registered[1].method if registered else None,
+        promoted=registered[2].promoted if registered else False,
+        promotion_reason=registered[2].reason if registered else "",
         best={
             m: {"lr": b.lr, "rank": b.rank, metric: b.metrics[metric], "run_id": b.run_id}
             for m, b in bests.items()
@@ -220,10 +244,15 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console |
         seconds=time.monotonic() - t0,
     )
     console.print(final_table(spec, tracker, result))
-    if result.champion:
+    if result.champion and result.promoted:
         console.print(
             f"champion: [bold]{result.champion}[/] → models:/{result.registry_name}@champion "
-            f"({result.seconds:.0f} s)"
+            f"({result.promotion_reason}; {result.seconds:.0f} s)"
+        )
+    elif result.champion:
+        console.print(
+            f"challenger: [bold]{result.champion}[/] → models:/{result.registry_name}@challenger, not "
+            f"promoted: {result.promotion_reason} ({result.seconds:.0f} s)"
         )
     else:
         console.print("[red]no trial produced an adapter: nothing registered[/]")

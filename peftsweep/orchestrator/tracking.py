@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -20,10 +21,15 @@ from ray.tune import Callback
 
 from peftsweep.spec import SweepSpec
 
+if TYPE_CHECKING:
+    from peftsweep.orchestrator.promotion import GateDecision
+
 LEVEL_TAG = "peftsweep.level"  # sweep | method | trial
 METHOD_TAG = "peftsweep.method"
 OUTCOME_TAG = "peftsweep.outcome"  # completed | stopped_early | diverged | failed
 CHAMPION_ALIAS = "champion"
+CHALLENGER_ALIAS = "challenger"  # a new best that did not pass the promotion gate
+PROMOTION_TAG = "peftsweep.promotion"  # the gate's reason, on the sweep run and the new version
 ADAPTER_ARTIFACT = "adapter"
 # What every trial reports besides its format's task metrics (trainables.loop); logged when present.
 TRIAL_METRICS = (
@@ -213,8 +219,11 @@ class SweepTracker:
         self.client.set_terminated(run_id, "FINISHED")
         return best
 
-    def register(self, bests: dict[str, TrialRecord]) -> tuple[str, TrialRecord] | None:
-        """One model version per method's best trial (alias `best-<method>`); the overall best: `champion`."""
+    def register(
+        self, bests: dict[str, TrialRecord], gate: Callable[[str, str], GateDecision]
+    ) -> tuple[str, TrialRecord, GateDecision] | None:
+        """One model version per method's best trial (alias `best-<method>`); the overall best becomes
+        `champion` if ``gate(registry_name, run_id)`` promotes it, else `challenger`."""
         if not bests:
             return None
         name = self.spec.tracking.registry_name or self.spec.name
@@ -241,9 +250,14 @@ class SweepTracker:
             self.client.set_registered_model_alias(name, f"best-{method}", version)
             versions[method] = version
         champion = max(bests.values(), key=lambda t: sign * t.metrics[metric])
-        self.client.set_registered_model_alias(name, CHAMPION_ALIAS, versions[champion.method])
+        decision = gate(name, champion.run_id)
+        alias = CHAMPION_ALIAS if decision.promoted else CHALLENGER_ALIAS
+        self.client.set_registered_model_alias(name, alias, versions[champion.method])
+        self.client.set_model_version_tag(name, versions[champion.method], PROMOTION_TAG, decision.reason)
+        self.client.set_tag(self.sweep_run_id, PROMOTION_TAG, f"{alias}: {decision.reason}")
         summary = {
-            "champion": {"method": champion.method, "version": versions[champion.method]},
+            alias: {"method": champion.method, "version": versions[champion.method]},
+            "promotion": {"promoted": decision.promoted, "reason": decision.reason},
             "methods": {
                 m: {
                     "lr": r.lr,
@@ -256,8 +270,8 @@ class SweepTracker:
             },
         }
         self.client.log_text(self.sweep_run_id, json.dumps(summary, indent=2), "summary.json")
-        self.client.set_tag(self.sweep_run_id, "peftsweep.champion_method", champion.method)
-        return name, champion
+        self.client.set_tag(self.sweep_run_id, f"peftsweep.{alias}_method", champion.method)
+        return name, champion, decision
 
     def _model_exists(self, name: str) -> bool:
         from mlflow.exceptions import MlflowException

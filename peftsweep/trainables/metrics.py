@@ -168,3 +168,31 @@ def _generate(
                 new = new[: new.index(tokenizer.eos_token_id)]
             out[idx[j // samples]].append(tokenizer.decode(new, skip_special_tokens=True))
     return out
+
+
+def evaluate_adapter(spec_json: dict[str, Any], data_dir: str, adapter_dir: str) -> dict[str, float]:
+    """Task metrics of a saved adapter on the sweep's held-out data: the test split, else validation.
+
+    Why: the champion gate compares a new adapter with the registered champion on the same rows, evaluated
+    the same way, not on numbers two sweeps reported. Runs where it is called (a Ray task in a sweep).
+    """
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftsweep.search_spaces import load_trained
+    from peftsweep.spec import SweepSpec
+    from peftsweep.trainables.loop import resolve_base_model
+    from peftsweep.trainables.prepared import load_prepared
+
+    spec = SweepSpec.model_validate(spec_json)
+    torch.manual_seed(spec.training.seed)  # sampled evaluation (samples > 1) repeats exactly
+    base_path = resolve_base_model(spec.base_model)
+    model = load_trained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), adapter_dir)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    data = load_prepared(Path(data_dir))
+    rows = data.test if data.test is not None else data.validation
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    return evaluate(model, tokenizer, rows, spec.data.format, **spec.evaluation.model_dump())
