@@ -18,6 +18,14 @@ def ray_session() -> Iterator[None]:
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, logging_level="WARNING")
+    from peftsweep.cluster.local import free_port
+
+    ray.init(
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),  # not 8265: a sweep running beside the tests must not share it
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
     yield
     ray.shutdown()
