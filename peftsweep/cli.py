@@ -127,6 +127,35 @@ def best(spec_path: SpecArg) -> None:
 
 
 @app.command()
+def status(spec_path: SpecArg) -> None:
+    """Trials per method (done, running, failed, left of the budget) and the best so far, from Optuna."""
+    spec = _load(spec_path)
+    from rich.table import Table
+
+    from peftsweep.orchestrator.status import sweep_status
+
+    if spec.tracking.optuna_storage is None and not (spec.tracking.root / "optuna.db").is_file():
+        err.print(f"no sweep store at {spec.tracking.root / 'optuna.db'}: sweep {spec.name!r} has not run")
+        raise typer.Exit(1)
+    metric = spec.search.metric
+    table = Table(title=f"sweep {spec.name}: {spec.tracking.optuna_storage_url()}")
+    for col in ("method", "complete", "running", "failed", "pruned", "left", f"best {metric}", "best params"):
+        table.add_column(col, justify="left" if col in ("method", "best params") else "right")
+    for row in sweep_status(spec):
+        table.add_row(
+            row.method,
+            *(str(n) for n in (row.complete, row.running, row.failed, row.pruned, row.remaining)),
+            f"{row.best_value:.4f}" if row.best_value is not None else "-",
+            ", ".join(_param(k, v) for k, v in row.best_params.items()) or "-",
+        )
+    console.print(table)
+
+
+def _param(key: str, value: object) -> str:
+    return f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+
+
+@app.command()
 def ui(
     spec_path: SpecArg,
     port: Annotated[int, typer.Option(help="Port of the MLflow UI")] = 5000,

@@ -1,0 +1,49 @@
+"""`peftsweep status` reads per-method progress from the sweep's Optuna studies (no Ray, no MLflow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import yaml
+from typer.testing import CliRunner
+
+from peftsweep.cli import app
+from peftsweep.orchestrator.status import sweep_status
+from peftsweep.spec import parse_spec
+
+
+def test_status_counts_trials_per_method_against_the_budget(tmp_path: Path) -> None:
+    data = {"name": "st", "methods": ["lora", "pissa"], "search": {"trials_per_method": 5}}
+    spec = parse_spec(data, base_dir=tmp_path)
+    spec.tracking.root.mkdir(parents=True)
+    storage = optuna.storages.RDBStorage(spec.tracking.optuna_storage_url())
+    study = optuna.create_study(study_name="st/lora", storage=storage, direction="maximize")
+    for lr, value in ((1e-3, 0.2), (1e-2, 0.6)):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"lr": lr},
+                distributions={"lr": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)},
+                value=value,
+            )
+        )
+    study.ask()  # a trial left RUNNING (e.g. by a live sweep)
+    lora, pissa = sweep_status(spec)
+    assert (lora.complete, lora.running, lora.remaining, lora.best_value) == (2, 1, 2, 0.6)
+    assert lora.best_params == {"lr": 1e-2}
+    assert (pissa.complete, pissa.remaining, pissa.best_value) == (0, 5, None)  # no study yet
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**data, "tracking": {"root": str(spec.tracking.root)}}))
+    result = CliRunner().invoke(app, ["status", str(path)], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "lora" in result.output and "0.6000" in result.output and "lr=0.01" in result.output
+
+
+def test_status_of_a_sweep_that_never_ran_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        yaml.safe_dump({"name": "st", "methods": ["lora"], "tracking": {"root": str(tmp_path / "r")}})
+    )
+    result = CliRunner().invoke(app, ["status", str(path)])
+    assert result.exit_code == 1 and "no sweep store" in result.output
