@@ -54,6 +54,24 @@ def run(
 
 
 @app.command()
+def resume(
+    spec_path: SpecArg,
+    address: Annotated[str | None, typer.Option(help="Join this Ray cluster instead of starting one")] = None,
+) -> None:
+    """Continue a sweep whose driver died: finished trials are kept, the rest of each budget runs."""
+    spec = _load(spec_path)
+    from peftsweep.orchestrator.sweep import run_sweep
+
+    try:
+        result = run_sweep(spec, address=address, console=console, resume=True)
+    except SpecError as exc:
+        err.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    if result.champion is None:
+        raise typer.Exit(1)
+
+
+@app.command()
 def validate(spec_path: SpecArg) -> None:
     """Check a spec and its data files without starting anything."""
     spec = _load(spec_path)
@@ -127,6 +145,39 @@ def best(spec_path: SpecArg) -> None:
 
 
 @app.command()
+def report(
+    spec_path: SpecArg,
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory; default: <tracking.root>/reports/<sweep run id>/")
+    ] = None,
+    run_id: Annotated[str | None, typer.Option(help="Sweep run to report; default: the latest")] = None,
+) -> None:
+    """Write the sweep's report: LR curves, method gaps over seeds, trial counts and compute, importances."""
+    spec = _load(spec_path)
+    from rich.table import Table
+
+    from peftsweep.orchestrator.report import ReportError, build_report, gap_table, resolve_sweep_run
+
+    try:
+        sweep_run = resolve_sweep_run(spec, run_id)
+        result = build_report(spec, out or spec.tracking.root / "reports" / sweep_run, sweep_run)
+    except ReportError as exc:
+        err.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(1) from None
+    header, cells = gap_table(result)
+    table = Table(title=f"sweep {spec.name}: run {result.sweep_run_id} ({result.metric}, {result.direction})")
+    for col in header:
+        table.add_column(col, justify="left" if col in ("method", "verdict") else "right")
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
+    if result.finding:
+        console.print(result.finding, highlight=False)
+    for path in (result.markdown, result.html, result.lr_curves):
+        console.print(f"  {path}", highlight=False)
+
+
+@app.command()
 def status(spec_path: SpecArg) -> None:
     """Trials per method (done, running, failed, left of the budget) and the best so far, from Optuna."""
     spec = _load(spec_path)
@@ -162,9 +213,17 @@ def ui(
     host: Annotated[
         str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you mean it")
     ] = "127.0.0.1",
+    optuna: Annotated[bool, typer.Option("--optuna", help="optuna-dashboard on the studies instead")] = False,
 ) -> None:
-    """Serve the MLflow UI for the sweep's tracking store."""
+    """Serve the MLflow UI for the sweep's tracking store (--optuna: optuna-dashboard on its studies)."""
     spec = _load(spec_path)
+    if optuna:
+        storage = spec.tracking.optuna_storage_url()
+        console.print(f"optuna-dashboard for {storage} on http://{host}:{port} (Ctrl-C to stop)")
+        from optuna_dashboard import run_server
+
+        run_server(storage, host=host, port=port)
+        return
     uri = spec.tracking.mlflow_tracking_uri()
     console.print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C to stop)")
     cmd = [

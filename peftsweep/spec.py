@@ -147,6 +147,16 @@ class SearchSpec(_Strict):
     grace_period_evals: PositiveInt = 1  # ASHA compares trials only after this many eval points
     reduction_factor: float = Field(2.0, gt=1.0)  # ASHA keeps the top 1/reduction_factor at each rung
     n_startup_trials: PositiveInt = 3  # random trials before TPE models the space (small budgets)
+    # Multi-seed confirmation: each method's top-k configs re-run with this many extra seeds (training.seed
+    # + 1, + 2, ...); a method's score is the mean ± std over seeds of its best config. Paper protocol: 3.
+    confirm_seeds: NonNegativeInt = 3
+    confirm_top_k: PositiveInt = 1
+    # Start later methods where the reference (lora, else the first method) predicts: none | curvature (centre
+    # the range at ref best LR × λ_ref/λ_method) | transfer (enqueue earlier bests, LR scaled by that ratio).
+    lr_prior: Literal["none", "curvature", "transfer"] = "none"
+    # Budgets beyond trials_per_method; when one is spent no new trial starts, running ones finish and report.
+    max_wall_time_s: PositiveFloat | None = None  # whole sweep; split evenly over the methods still to run
+    max_trial_seconds_per_method: PositiveFloat | None = None  # summed trial durations per method
     # The new best replaces the registered champion only if it wins by more than this (metric units) on the
     # same held-out rows; 0 = any strict improvement. Nightly sweeps: set it to the metric's seed noise.
     promotion_margin: NonNegativeFloat = 0.0

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -31,24 +32,42 @@ def _spec(tmp_path: Path) -> Path:
     return path
 
 
-def test_ui_serves_the_sweep_store_on_loopback_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("flags", "path", "expect"),
+    [
+        ([], "/health", b"OK"),
+        (["--optuna"], "/api/studies", b'"study_name": "cli/lora"'),
+    ],  # MLflow UI; optuna-dashboard
+    ids=["mlflow", "optuna"],
+)
+def test_ui_serves_the_sweep_store_on_loopback_only(
+    flags: list[str], path: str, expect: bytes, tmp_path: Path
+) -> None:
     port = _free_port()
+    spec = _spec(tmp_path)
+    if flags:  # the dashboard reads the study store; an empty one is created by the first Optuna access
+        import optuna
+
+        (tmp_path / "r").mkdir()
+        optuna.create_study(study_name="cli/lora", storage=f"sqlite:///{tmp_path / 'r' / 'optuna.db'}")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "peftsweep.cli", "ui", str(_spec(tmp_path)), "--port", str(port)],
+        [sys.executable, "-m", "peftsweep.cli", "ui", str(spec), "--port", str(port), *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        start_new_session=True,  # so the MLflow server's own workers are stopped with it, by process group
+        start_new_session=True,  # so the server's own workers are stopped with it, by process group
     )
     try:
         deadline, body = time.monotonic() + 90, b""
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
                     body = resp.read()
                     break
             except OSError:
                 time.sleep(1)
-        assert body.strip() == b"OK", proc.stdout.read() if proc.poll() is not None else "no answer in time"
+        assert expect in body, (
+            proc.stdout.read() if proc.poll() is not None else f"no answer in time: {body!r}"
+        )
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         local_addresses = {line.split()[3] for line in listening.splitlines()}
         assert local_addresses == {f"127.0.0.1:{port}"}

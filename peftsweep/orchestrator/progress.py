@@ -19,7 +19,7 @@ class SweepProgress:
         self.spec, self.tracker = spec, tracker
         self.running: str | None = None
         self.live: Any = None
-        self._announced: set[str] = set()
+        self._announced: set[str] = set(tracker.trials)  # a resumed sweep's finished trials: said before
 
     def table(self) -> Table:
         metric = self.spec.search.metric

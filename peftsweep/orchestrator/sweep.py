@@ -5,6 +5,7 @@ Ray Tune (ASHA) → best trial per method → registry (champion) → final tabl
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from rich.live import Live
 from rich.table import Table
 
 from peftsweep import cluster, search_spaces
-from peftsweep.spec import SpecError, SweepSpec
+from peftsweep.orchestrator.priors import search_order
+from peftsweep.spec import MethodSpec, SpecError, SweepSpec
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -33,7 +35,7 @@ class SweepResult:
     sweep_run_id: str
     registry_name: str | None
     champion: str | None  # method of the sweep's overall best (registered as champion or challenger)
-    best: dict[str, dict[str, float | int | str]]  # method -> lr, rank, metric, run_id
+    best: dict[str, dict[str, float | int | str]]  # method -> lr, rank, metric, run_id, mean, std, seeds
     seconds: float
     promoted: bool = False  # the best passed the promotion gate and is now `@champion`
     promotion_reason: str = ""
@@ -93,7 +95,51 @@ def _check_resources(spec: SweepSpec) -> None:
         )
 
 
-def _search_method(spec: SweepSpec, method: str, callbacks: list, data_dir: Path) -> None:
+def reconcile_study(spec: SweepSpec, method: str, tracker: SweepTracker) -> tuple[int, list[dict]]:
+    """Settle the trials a dead driver left RUNNING in the method's Optuna study; return how many trials of
+    the budget are done (COMPLETE or PRUNED) and the killed trials' params, to be run again first.
+
+    A RUNNING trial whose MLflow run finished (the driver died between Tune's and Optuna's bookkeeping) gets
+    its recorded value, so it is neither lost nor re-run; any other becomes FAIL and its configuration is
+    re-run (its work was lost). The study is the source of truth for what is done.
+    """
+    import optuna
+
+    storage = optuna.storages.RDBStorage(spec.tracking.optuna_storage_url())
+    name = f"{spec.name}/{method}"
+    if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+        return 0, []
+    study = optuna.load_study(study_name=name, storage=storage)
+    metric = spec.search.metric
+    finished = [
+        t
+        for t in tracker.trials.values()
+        if t.method == method and t.status in ("completed", "stopped_early", "diverged")
+    ]
+    rerun: list[dict] = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        lr = trial.params.get("lr")
+        match = next((t for t in finished if lr is not None and math.isclose(t.lr, lr, rel_tol=1e-9)), None)
+        value = match.metrics.get(metric) if match else None
+        if value is not None and math.isfinite(value):
+            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.COMPLETE, [value])
+        else:
+            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            rerun.append(dict(trial.params))
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=done)), rerun
+
+
+def _search_method(
+    spec: SweepSpec,
+    method: str,
+    callbacks: list,
+    data_dir: Path,
+    num_samples: int | None = None,
+    deadline: float | None = None,
+    lr_range: tuple[float, float] | None = None,  # a prior's range instead of the spec's
+    points: list[dict] | None = None,  # configurations to try first (Optuna enqueue_trial)
+) -> None:
     """One Optuna study (RDB storage) per method, searched by Ray Tune with ASHA among this method only."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing; we show progress
     import optuna
@@ -101,21 +147,33 @@ def _search_method(spec: SweepSpec, method: str, callbacks: list, data_dir: Path
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from peftsweep.orchestrator.budget import BudgetedSearch
     from peftsweep.orchestrator.trial import tune_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mspec, search, res = spec.method(method), spec.search, spec.resources
-    space = {"lr": optuna.distributions.FloatDistribution(mspec.lr_min, mspec.lr_max, log=True)}
+    lo, hi = lr_range or (mspec.lr_min, mspec.lr_max)
+    space = {"lr": optuna.distributions.FloatDistribution(lo, hi, log=True)}
     if mspec.ranks:  # rank-less methods (IA3, BitFit, full FT, prompt methods) search the LR only
         space["rank"] = optuna.distributions.CategoricalDistribution(mspec.ranks)
     # metric/mode go to the searcher itself: with a fixed space it never reads them from TuneConfig.
-    searcher = OptunaSearch(
-        space,
-        metric=search.metric,
-        mode=search.direction,
-        sampler=optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.n_startup_trials),
-        study_name=f"{spec.name}/{method}",
-        storage=optuna.storages.RDBStorage(spec.tracking.optuna_storage_url()),
+    n_startup = min(search.n_startup_trials, search.trials_per_method)
+    searcher = BudgetedSearch(
+        OptunaSearch(
+            space,
+            metric=search.metric,
+            mode=search.direction,
+            # constant_liar: concurrent TPE trials spread out instead of piling onto one point
+            sampler=optuna.samplers.TPESampler(
+                seed=search.seed, n_startup_trials=n_startup, constant_liar=True
+            ),
+            study_name=f"{spec.name}/{method}",
+            storage=optuna.storages.RDBStorage(spec.tracking.optuna_storage_url()),
+            points_to_evaluate=points or None,
+        ),
+        n_startup_trials=n_startup,
+        deadline=deadline,
+        trial_seconds=search.max_trial_seconds_per_method,
     )
     scheduler = (
         ASHAScheduler(
@@ -137,7 +195,7 @@ def _search_method(spec: SweepSpec, method: str, callbacks: list, data_dir: Path
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
-            num_samples=search.trials_per_method,
+            num_samples=num_samples or search.trials_per_method,
             max_concurrent_trials=res.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(
@@ -167,6 +225,83 @@ def _gate(spec: SweepSpec, tracker: SweepTracker, data_dir: Path) -> Callable[[s
     return lambda name, run_id: run_gate(spec, tracker.client, name, run_id, str(data_dir), evaluate)
 
 
+def _curvatures(spec: SweepSpec, data_dir: Path, console: Console) -> dict[str, float]:
+    """λ_max at init per method, each probed in a Ray task sized like one trial worker."""
+    import ray
+
+    from peftsweep.orchestrator.priors import probe_curvature
+
+    res = spec.resources
+    task = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker)(probe_curvature)
+    spec_json = spec.model_dump(mode="json")
+    with console.status("probing each method's curvature at init (top Hessian eigenvalue)…"):
+        refs = {m.name: task.remote(spec_json, str(data_dir), m.name) for m in spec.methods}
+        values = {name: float(ray.get(ref)) for name, ref in refs.items()}
+    console.print("curvature λ_max: " + ", ".join(f"{m} {v:.3g}" for m, v in values.items()))
+    return values
+
+
+def _prior(
+    spec: SweepSpec,
+    method: str,
+    earlier: list[MethodSpec],
+    tracker: SweepTracker,
+    curvature: dict[str, float],
+) -> tuple[tuple[float, float] | None, list[dict] | None]:
+    """(LR range, points to try first) that ``search.lr_prior`` gives this method; (None, None) without."""
+    from peftsweep.orchestrator.priors import centred_range, reference_method, transfer_points
+
+    ref = reference_method(spec)
+    if method == ref or method not in curvature:
+        if method in curvature:
+            tracker.note_method(method, {"curvature_lambda": curvature[method]}, {})
+        return None, None
+    ratio = curvature[ref] / curvature[method]
+    metrics = {"curvature_lambda": curvature[method], "lr_prior_ratio": ratio}
+    if spec.search.lr_prior == "curvature":
+        ref_score = tracker.method_score(ref)
+        if ref_score is None:
+            return None, None  # the reference found nothing to centre on: the spec's range
+        lr_range = centred_range(spec.method(method), ref_score.lr * ratio)
+        tracker.note_method(
+            method, metrics, {"lr_prior": f"curvature range {lr_range[0]:.3g}..{lr_range[1]:.3g}"}
+        )
+        return lr_range, None
+    bests = [
+        (score.lr * curvature[m.name] / curvature[method], score.rank)
+        for m in earlier
+        if m.name in curvature and (score := tracker.method_score(m.name)) is not None
+    ]
+    points = transfer_points(spec.method(method), bests, 1.0)
+    tracker.note_method(method, metrics, {"lr_prior": f"transfer {points}"})
+    return None, points
+
+
+def _write_report(spec: SweepSpec, sweep_run_id: str, curvature: dict[str, float], console: Console) -> None:
+    """The sweep's report (also `peftsweep report`); a report problem never fails a finished sweep."""
+    from peftsweep.orchestrator.report import build_report
+
+    try:
+        out = spec.tracking.root / "reports" / sweep_run_id
+        report = build_report(spec, out, sweep_run_id, curvature or None)
+    except Exception as exc:  # noqa: BLE001 - the sweep's results are safe in MLflow; say what went wrong
+        console.print(f"[yellow]report not written: {exc}[/]")
+        return
+    if report.finding:
+        console.print(report.finding, highlight=False)
+    console.print(f"report: {report.html}", highlight=False)
+
+
+def _method_deadline(spec: SweepSpec, t0: float, methods_left: int) -> float | None:
+    """This method's slice of the sweep's wall-time budget: an even share of what is left, so a slow early
+    method cannot starve the later ones."""
+    total = spec.search.max_wall_time_s
+    if total is None:
+        return None
+    now = time.monotonic()
+    return now + max(0.0, t0 + total - now) / methods_left
+
+
 def _prepare(spec: SweepSpec, console: Console) -> Path:
     """Tokenize the data once for the whole sweep (cached across runs of the same spec and files)."""
     from peftsweep.trainables.data import DataError
@@ -185,8 +320,53 @@ def _prepare(spec: SweepSpec, console: Console) -> Path:
     return data_dir
 
 
-def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console | None = None) -> SweepResult:
-    """Run the whole sweep; nothing starts when the spec's inputs are bad."""
+def _confirm_method(
+    spec: SweepSpec, method: str, tracker: SweepTracker, callbacks: list, data_dir: Path
+) -> None:
+    """Re-run the method's top configurations with extra seeds (a fixed grid, no searcher, no early stop).
+
+    Runs already done (a resumed sweep) are not repeated. Confirmation trials are Tune trials like the
+    search's, recorded with tag ``peftsweep.role=confirm``; Optuna's study sees only the search.
+    """
+    from ray import tune
+
+    from peftsweep.orchestrator.trial import CONFIRM_KEY, tune_trial
+
+    search, res = spec.search, spec.resources
+    mine = [t for t in tracker.trials.values() if t.method == method and t.role == "confirm"]
+    done = {(t.lr, t.rank, t.seed) for t in mine}
+    grid = [
+        {"lr": lr, "rank": rank, "seed": spec.training.seed + i, "role": "confirm"}
+        for lr, rank in tracker.top_configs(method, search.confirm_top_k)
+        for i in range(1, search.confirm_seeds + 1)
+        if (lr, rank, spec.training.seed + i) not in done
+    ]
+    if not grid:
+        return
+    trainable = tune.with_parameters(
+        tune_trial, spec_json=spec.model_dump(mode="json"), method=method, data_dir=str(data_dir)
+    )
+    tune.Tuner(
+        tune.with_resources(trainable, {"cpu": res.trial_driver_cpus}),
+        param_space={CONFIRM_KEY: tune.grid_search(grid)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent_trials),
+        run_config=tune.RunConfig(
+            name=f"{spec.name}-{method}-confirm-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(spec.tracking.ray_storage / "tune"),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    ).fit()
+
+
+def run_sweep(
+    spec: SweepSpec, *, address: str | None = None, console: Console | None = None, resume: bool = False
+) -> SweepResult:
+    """Run the whole sweep; nothing starts when the spec's inputs are bad.
+
+    ``resume``: continue the latest run of this spec after its driver died — finished trials count against
+    each method's budget and are not re-run; trials it left RUNNING are settled in Optuna and MLflow.
+    """
     from peftsweep.orchestrator.progress import SweepProgress
     from peftsweep.orchestrator.tracking import SweepTracker, TrialRecorder
 
@@ -201,19 +381,35 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console |
     )
     started = cluster.connect(address)
     tracker = None
+    curvature: dict[str, float] = {}
     try:
         _check_resources(spec)
-        tracker = SweepTracker(spec)
+        tracker = SweepTracker(spec, resume=resume)
+        if resume:
+            console.print(
+                f"resuming sweep run {tracker.sweep_run_id}: {len(tracker.trials)} finished trial(s) kept, "
+                f"{len(tracker.killed)} left running by the dead driver marked KILLED"
+            )
         progress = SweepProgress(spec, tracker)
         with Live(progress.table(), console=console, refresh_per_second=2) as live:
             progress.live = live
-            for mspec in spec.methods:
+            order = search_order(spec)
+            curvature = _curvatures(spec, data_dir, console) if spec.search.lr_prior != "none" else {}
+            for index, mspec in enumerate(order):
                 tracker.start_method(mspec.name)
                 progress.running = mspec.name
                 live.update(progress.table())
-                _search_method(
-                    spec, mspec.name, [TrialRecorder(tracker, mspec.name, progress.update)], data_dir
-                )
+                done, rerun = reconcile_study(spec, mspec.name, tracker) if resume else (0, [])
+                left = spec.search.trials_per_method - done
+                if left > 0:
+                    recorder = TrialRecorder(tracker, mspec.name, progress.update)
+                    deadline = _method_deadline(spec, t0, len(order) - index)
+                    lr_range, points = _prior(spec, mspec.name, order[:index], tracker, curvature)
+                    points = (rerun + (points or []))[:left] or None  # killed configurations first
+                    _search_method(spec, mspec.name, [recorder], data_dir, left, deadline, lr_range, points)
+                if spec.search.confirm_seeds:
+                    recorder = TrialRecorder(tracker, mspec.name, progress.update)
+                    _confirm_method(spec, mspec.name, tracker, [recorder], data_dir)
                 tracker.finish_method(mspec.name)
             progress.running = None
             live.update(progress.table())
@@ -238,12 +434,22 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console |
         promoted=registered[2].promoted if registered else False,
         promotion_reason=registered[2].reason if registered else "",
         best={
-            m: {"lr": b.lr, "rank": b.rank, metric: b.metrics[metric], "run_id": b.run_id}
+            m: {
+                "lr": b.lr,
+                "rank": b.rank,
+                metric: b.metrics[metric],
+                "run_id": b.run_id,
+                "mean": score.mean,
+                "std": score.std,
+                "seeds": score.n,
+            }
             for m, b in bests.items()
+            if (score := tracker.method_score(m)) is not None
         },
         seconds=time.monotonic() - t0,
     )
     console.print(final_table(spec, tracker, result))
+    _write_report(spec, tracker.sweep_run_id, curvature, console)
     if result.champion and result.promoted:
         console.print(
             f"champion: [bold]{result.champion}[/] → models:/{result.registry_name}@champion "
@@ -259,21 +465,39 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, console: Console |
     return result
 
 
+def is_tie(best: dict, other: dict) -> bool:
+    """Within noise of the best method: the means differ by no more than the two stds together (with one
+    seed each, only an exact draw is a tie)."""
+    return abs(best["mean"] - other["mean"]) <= best["std"] + other["std"]
+
+
 def final_table(spec: SweepSpec, tracker: SweepTracker, result: SweepResult) -> Table:
     metric = spec.search.metric
-    table = Table(title=f"sweep {spec.name}: best per method ({metric}, {spec.search.direction})")
-    for col in ("method", "best lr", "best rank", metric, "trials", "stopped early", "diverged", "failed"):
+    table = Table(title=f"sweep {spec.name}: best config per method ({metric}, {spec.search.direction})")
+    columns = ("method", "best lr", "best rank", f"{metric} mean ± std", "seeds", "vs best", "trials")
+    for col in (*columns, "confirm", "stopped early", "diverged", "failed"):
         table.add_column(col, justify="left" if col == "method" else "right")
+    sign = 1 if spec.search.direction == "max" else -1
+    top = max(result.best.values(), key=lambda b: sign * b["mean"], default=None)
     for mspec in spec.methods:
         trials = [t for t in tracker.trials.values() if t.method == mspec.name]
         best = result.best.get(mspec.name)
         mark = " ★" if mspec.name == result.champion else ""
+        if best is None or top is None:
+            versus = "-"
+        elif best is top:
+            versus = "best"
+        else:
+            versus = "tie" if is_tie(top, best) else f"{best['mean'] - top['mean']:+.3f}"
         table.add_row(
             mspec.name + mark,
             f"{best['lr']:.2e}" if best else "-",
             str(best["rank"]) if best and best["rank"] else "-",  # rank 0: the method has none
-            f"{best[metric]:.3f}" if best else "-",
-            str(len(trials)),
+            f"{best['mean']:.3f} ± {best['std']:.3f}" if best else "-",
+            str(best["seeds"]) if best else "-",
+            versus,
+            str(sum(t.role == "search" for t in trials)),
+            str(sum(t.role == "confirm" for t in trials)),
             str(sum(t.status == "stopped_early" for t in trials)),
             str(sum(t.status == "diverged" for t in trials)),
             str(sum(t.status == "failed" for t in trials)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 
 LEVEL_TAG = "peftsweep.level"  # sweep | method | trial
 METHOD_TAG = "peftsweep.method"
-OUTCOME_TAG = "peftsweep.outcome"  # completed | stopped_early | diverged | failed
+ROLE_TAG = "peftsweep.role"  # search | confirm
+OUTCOME_TAG = "peftsweep.outcome"  # completed | stopped_early | diverged | failed | killed
 CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"  # a new best that did not pass the promotion gate
 PROMOTION_TAG = "peftsweep.promotion"  # the gate's reason, on the sweep run and the new version
@@ -66,9 +68,26 @@ class TrialRecord:
     run_id: str
     lr: float
     rank: int
-    status: str = "running"  # running | completed | stopped_early | diverged | failed
+    status: str = "running"  # running | completed | stopped_early | diverged | failed | killed
+    seed: int = 0
+    role: str = "search"  # search (Optuna's) | confirm (a top config re-run with another seed)
     metrics: dict[str, float] = field(default_factory=dict)
     has_adapter: bool = False
+
+
+SCORED = ("completed", "stopped_early", "diverged")  # outcomes whose last metric is a trial's result
+
+
+@dataclass(frozen=True)
+class MethodScore:
+    """A method's best configuration and its mean ± std over seeds."""
+
+    lr: float
+    rank: int
+    mean: float
+    std: float
+    n: int  # seeds behind the mean
+    trials: list[TrialRecord]
 
 
 def _finite(value: Any) -> bool:
@@ -78,18 +97,71 @@ def _finite(value: Any) -> bool:
 class SweepTracker:
     """Opens the sweep's MLflow experiment and parent run, and one child run per method."""
 
-    def __init__(self, spec: SweepSpec) -> None:
+    def __init__(self, spec: SweepSpec, resume: bool = False) -> None:
+        """A new sweep run; with ``resume``, the latest sweep run of this spec reopened (see `_reload`)."""
         self.spec = spec
         self.client = MlflowClient(tracking_uri=spec.tracking.mlflow_tracking_uri())
         self.experiment_id = self._experiment()
+        self.method_runs: dict[str, str] = {}
+        self.trials: dict[str, TrialRecord] = {}
+        self.killed: list[str] = []  # run ids of trials a dead driver left RUNNING (resume only)
+        latest = self._latest_sweep_run() if resume else None
+        if latest is not None:
+            self.sweep_run_id = latest
+            self._reload()
+            return
         self.sweep_run_id = self.client.create_run(
             self.experiment_id,
             run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             tags={LEVEL_TAG: "sweep"},
         ).info.run_id
         self.client.log_dict(self.sweep_run_id, spec.model_dump(mode="json"), "spec.json")
-        self.method_runs: dict[str, str] = {}
-        self.trials: dict[str, TrialRecord] = {}
+
+    def _children(self, parent: str, level: str) -> list[Any]:
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{LEVEL_TAG}` = '{level}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=50_000,  # far above any sweep's trial count; search_runs pages below this
+        )
+
+    def _latest_sweep_run(self) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{LEVEL_TAG}` = 'sweep'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def _reload(self) -> None:
+        """Reopen the sweep and its method runs, load their finished trials back, and mark the trials that
+        a dead driver left RUNNING as KILLED (no zombie runs)."""
+        self.client.update_run(self.sweep_run_id, status="RUNNING")
+        for method_run in self._children(self.sweep_run_id, "method"):
+            method = method_run.data.tags[METHOD_TAG]
+            self.method_runs[method] = method_run.info.run_id
+            self.client.update_run(method_run.info.run_id, status="RUNNING")
+            for run in self._children(method_run.info.run_id, "trial"):
+                run_id = run.info.run_id
+                if run.info.status == "RUNNING":
+                    self.client.set_tag(run_id, OUTCOME_TAG, "killed")
+                    self.client.set_terminated(run_id, "KILLED")
+                    self.killed.append(run_id)
+                    continue
+                record = TrialRecord(
+                    method,
+                    run.data.tags.get("peftsweep.trial_id", run_id),
+                    run_id,
+                    float(run.data.params["lr"]),
+                    int(run.data.params["rank"]),
+                    status=run.data.tags.get(OUTCOME_TAG, "failed"),
+                    seed=int(run.data.params.get("seed", self.spec.training.seed)),
+                    role=run.data.tags.get(ROLE_TAG, "search"),
+                    metrics=dict(run.data.metrics),
+                    has_adapter=bool(self.client.list_artifacts(run_id, ADAPTER_ARTIFACT)),
+                )
+                self.trials[record.trial_id] = record
 
     def _experiment(self) -> str:
         existing = self.client.get_experiment_by_name(self.spec.name)
@@ -101,6 +173,8 @@ class SweepTracker:
         return self.client.create_experiment(self.spec.name, artifact_location=artifacts.as_uri())
 
     def start_method(self, method: str) -> str:
+        if method in self.method_runs:  # resumed: its run exists already
+            return self.method_runs[method]
         mspec = self.spec.method(method)
         run_id = self.client.create_run(
             self.experiment_id,
@@ -118,15 +192,30 @@ class SweepTracker:
         self.method_runs[method] = run_id
         return run_id
 
+    def note_method(self, method: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+        """Extra facts about a method's search (its curvature, the LR prior it used)."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.method_runs[method],
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+
     def start_trial(self, method: str, trial_id: str, config: dict[str, Any]) -> TrialRecord:
+        from peftsweep.orchestrator.trial import flat_config
+
+        config = flat_config(config)
         mspec = self.spec.method(method)
+        role = str(config.get("role", "search"))
+        seed = int(config.get("seed", self.spec.training.seed))
         run_id = self.client.create_run(
             self.experiment_id,
-            run_name=f"{method}-{trial_id}",
+            run_name=f"{method}-{trial_id}" + (f"-seed{seed}" if role == "confirm" else ""),
             tags={
                 "mlflow.parentRunId": self.method_runs[method],
                 LEVEL_TAG: "trial",
                 METHOD_TAG: method,
+                ROLE_TAG: role,
                 "peftsweep.trial_id": trial_id,
             },
         ).info.run_id
@@ -138,7 +227,7 @@ class SweepTracker:
             "alpha": rank * mspec.alpha_over_rank,
             "dropout": mspec.dropout,
             "target_modules": mspec.target_modules,
-            "seed": self.spec.training.seed,
+            "seed": seed,
             "max_steps": self.spec.training.max_steps,
             "batch_size": self.spec.training.batch_size,
             "zero_stage": self.spec.resources.zero_stage,
@@ -146,7 +235,7 @@ class SweepTracker:
             **{f"option.{k}": v for k, v in mspec.options.items()},
         }
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        record = TrialRecord(method, trial_id, run_id, float(config["lr"]), rank)
+        record = TrialRecord(method, trial_id, run_id, float(config["lr"]), rank, seed=seed, role=role)
         self.trials[trial_id] = record
         return record
 
@@ -189,32 +278,66 @@ class SweepTracker:
             else:
                 self.client.log_artifact(run_id, str(entry), ADAPTER_ARTIFACT)
 
-    def best_trial(self, method: str) -> TrialRecord | None:
-        """The method's best trial with an adapter, judged on its last reported metric."""
-        metric, sign = self.spec.search.metric, (1 if self.spec.search.direction == "max" else -1)
-        candidates = [
+    def _scored(self, method: str) -> list[TrialRecord]:
+        metric = self.spec.search.metric
+        return [
             t
             for t in self.trials.values()
-            if t.method == method and t.has_adapter and _finite(t.metrics.get(metric))
+            if t.method == method and t.status in SCORED and _finite(t.metrics.get(metric))
         ]
+
+    def top_configs(self, method: str, k: int) -> list[tuple[float, int]]:
+        """The k best (lr, rank) of the method's search trials: what the confirmation runs re-seed."""
+        metric, sign = self.spec.search.metric, (1 if self.spec.search.direction == "max" else -1)
+        search = sorted(
+            (t for t in self._scored(method) if t.role == "search"), key=lambda t: -sign * t.metrics[metric]
+        )
+        return list(dict.fromkeys((t.lr, t.rank) for t in search))[:k]
+
+    def method_score(self, method: str) -> MethodScore | None:
+        """The method's score: mean ± std over seeds of its best configuration (arXiv 2602.04998's protocol).
+
+        Configurations with confirmation runs compete on their seed means; without any, the best single
+        trial is the score (n = 1, std 0).
+        """
+        metric, sign = self.spec.search.metric, (1 if self.spec.search.direction == "max" else -1)
+        groups: dict[tuple[float, int], list[TrialRecord]] = {}
+        for t in self._scored(method):
+            groups.setdefault((t.lr, t.rank), []).append(t)
+        confirmed = {c: g for c, g in groups.items() if any(t.role == "confirm" for t in g)}
+        pool = confirmed or groups
+        if not pool:
+            return None
+        scores = [
+            MethodScore(lr, rank, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v), g)
+            for (lr, rank), g in pool.items()
+            for v in [[t.metrics[metric] for t in g]]
+        ]
+        return max(scores, key=lambda s: sign * s.mean)
+
+    def best_trial(self, method: str) -> TrialRecord | None:
+        """The trial to register for a method: the best seed run, with an adapter, of its best config."""
+        metric, sign = self.spec.search.metric, (1 if self.spec.search.direction == "max" else -1)
+        score = self.method_score(method)
+        candidates = [t for t in (score.trials if score else []) if t.has_adapter]
         return max(candidates, key=lambda t: sign * t.metrics[metric], default=None)
 
     def finish_method(self, method: str) -> TrialRecord | None:
-        best = self.best_trial(method)
+        best, score = self.best_trial(method), self.method_score(method)
         run_id = self.method_runs[method]
-        if best is not None:
+        if best is not None and score is not None:
+            now, metric = int(time.time() * 1000), self.spec.search.metric
+            values = {f"best_{metric}": best.metrics[metric], f"{metric}_mean": score.mean}
+            values |= {f"{metric}_std": score.std, "seeds": score.n}
             self.client.log_batch(
                 run_id,
-                metrics=[
-                    Metric(
-                        f"best_{self.spec.search.metric}",
-                        best.metrics[self.spec.search.metric],
-                        int(time.time() * 1000),
-                        0,
-                    )
+                metrics=[Metric(k, float(v), now, 0) for k, v in values.items()],
+                # tags, not params: a resumed sweep may update them
+                tags=[
+                    RunTag("peftsweep.best_trial_run", best.run_id),
+                    RunTag("best_lr", str(best.lr)),
+                    RunTag("best_rank", str(best.rank)),
                 ],
-                params=[Param("best_lr", str(best.lr)), Param("best_rank", str(best.rank))],
-                tags=[RunTag("peftsweep.best_trial_run", best.run_id)],
             )
         self.client.set_terminated(run_id, "FINISHED")
         return best

@@ -10,9 +10,17 @@ from typing import Any
 
 from peftsweep.spec import SweepSpec
 
+CONFIRM_KEY = "confirm"  # a confirmation run's fixed config arrives as one grid-searched dict under this key
+
+
+def flat_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A Tune trial config with a confirmation run's fixed dict merged in (lr, rank, seed, role)."""
+    return {k: v for k, v in config.items() if k != CONFIRM_KEY} | dict(config.get(CONFIRM_KEY, {}))
+
 
 def tune_trial(config: dict[str, Any], *, spec_json: dict[str, Any], method: str, data_dir: str) -> None:
-    """Build and fit the trial's TorchTrainer with the params Optuna suggested (`lr`, `rank`)."""
+    """Build and fit the trial's TorchTrainer with the params Optuna suggested (`lr`, `rank`), or a
+    confirmation run's fixed `lr`, `rank` and `seed`."""
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
@@ -21,6 +29,7 @@ def tune_trial(config: dict[str, Any], *, spec_json: dict[str, Any], method: str
     from peftsweep.trainables.loop import train_loop_per_worker
 
     spec = SweepSpec.model_validate(spec_json)
+    config = flat_config(config)
     res = spec.resources
     per_worker = {"CPU": res.cpus_per_worker}
     if res.gpus_per_worker:
@@ -33,7 +42,7 @@ def tune_trial(config: dict[str, Any], *, spec_json: dict[str, Any], method: str
             "method": method,
             "lr": float(config["lr"]),
             "rank": int(config.get("rank", 0)),  # 0: the method has no rank
-            "seed": spec.training.seed,
+            "seed": int(config.get("seed", spec.training.seed)),
             "data_dir": data_dir,  # tokenized once by the driver (trainables.prepared)
         },
         scaling_config=ray.train.ScalingConfig(

@@ -19,6 +19,7 @@ from peftsweep.spec import SweepSpec, load_spec
 
 METHODS = ["lora", "pissa", "milora", "dora"]
 TRIALS = 2
+SEEDS = 1  # confirmation re-runs of each method's best config
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def sweep(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
                 "name": "e2e",
                 # A band of LRs that learns within 60 steps, so the champion's metric is not trivially 0.
                 "methods": [{"name": m, "lr_min": 3e-3, "lr_max": 2e-2} for m in METHODS],
-                "search": {"trials_per_method": TRIALS, "n_startup_trials": 1},
+                "search": {"trials_per_method": TRIALS, "n_startup_trials": 1, "confirm_seeds": SEEDS},
                 "training": {"max_steps": 60, "eval_every": 30},
                 "data": {"max_eval_examples": 48},
                 "resources": {"cpus_per_worker": 0.9, "max_concurrent_trials": 2},
@@ -57,7 +58,7 @@ def _runs(client: MlflowClient, spec: SweepSpec) -> list:
 
 def test_final_table_lists_every_method(sweep: dict[str, Any]) -> None:
     out = sweep["output"]
-    assert "best per method" in out
+    assert "best config per method" in out and "mean ± std" in out
     for method in METHODS:
         assert method in out
     assert "champion:" in out
@@ -74,8 +75,20 @@ def test_mlflow_holds_sweep_method_trial_tree(sweep: dict[str, Any]) -> None:
     assert sorted(r.data.tags["peftsweep.method"] for r in methods) == sorted(METHODS)
     assert all(r.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id for r in methods)
     method_ids = {r.info.run_id: r.data.tags["peftsweep.method"] for r in methods}
-    trials = by_level["trial"]
+    trials = [t for t in by_level["trial"] if t.data.tags["peftsweep.role"] == "search"]
     assert len(trials) == len(METHODS) * TRIALS
+    confirms = [t for t in by_level["trial"] if t.data.tags["peftsweep.role"] == "confirm"]
+    assert len(confirms) == len(METHODS) * SEEDS
+    for confirm in confirms:  # the method's best search config, with the next seed
+        siblings = [
+            t for t in trials if t.data.tags["mlflow.parentRunId"] == confirm.data.tags["mlflow.parentRunId"]
+        ]
+        top = max(t.data.metrics.get("exact_match", -1) for t in siblings)
+        best_lrs = {t.data.params["lr"] for t in siblings if t.data.metrics.get("exact_match", -1) == top}
+        assert confirm.data.params["lr"] in best_lrs and confirm.data.params["seed"] == "1"  # ties: either
+    for method_run in methods:
+        assert method_run.data.metrics["seeds"] == 1 + SEEDS
+        assert method_run.data.metrics["exact_match_std"] >= 0
     for trial in trials:
         assert method_ids[trial.data.tags["mlflow.parentRunId"]] == trial.data.params["method"]
         assert {"lr", "rank", "alpha", "seed"} <= set(trial.data.params)

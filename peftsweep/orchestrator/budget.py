@@ -1,0 +1,85 @@
+"""A method's search budget, enforced where trials are launched: a wrapper around the Optuna searcher.
+
+Why a searcher wrapper: a budget must stop *launching* trials, not kill running ones (their results are
+paid for), so the natural place is ``suggest`` — returning ``FINISHED`` ends the method's search once its
+running trials report. The same place fixes parallel TPE's known waste: with several trials in flight,
+Optuna keeps drawing random start-up trials until ``n_startup_trials`` have *finished*, so it launches
+start-up + concurrency − 1 random trials. The wrapper holds back instead, until the in-flight start-up
+trials have reported.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.tune.search import Searcher
+
+
+class BudgetedSearch(Searcher):
+    """Wraps a Ray Tune ``OptunaSearch``: wall-time and trial-seconds budgets, start-up trials held back."""
+
+    def __init__(
+        self,
+        searcher: Any,
+        *,
+        n_startup_trials: int,
+        deadline: float | None = None,  # time.monotonic() after which no trial starts
+        trial_seconds: float | None = None,  # summed trial durations after which no trial starts
+    ) -> None:
+        self.searcher = searcher
+        self.n_startup_trials = n_startup_trials
+        self.deadline = deadline
+        self.trial_seconds = trial_seconds
+        self.spent_seconds = 0.0
+        self.stopped_by: str | None = None  # which budget ended the search, for the report
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        return self.searcher.set_max_concurrency(max_concurrent)
+
+    def _counts(self) -> tuple[int, int]:
+        """(finished, running) trials of the Optuna study, the source of truth (resumed trials included)."""
+        import optuna
+
+        study = self.searcher._ot_study  # OptunaSearch's study (created in its constructor)
+        finished = study.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        )
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        return len(finished), len(running)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.stopped_by = "wall time"
+            return Searcher.FINISHED
+        if self.trial_seconds is not None and self.spent_seconds >= self.trial_seconds:
+            self.stopped_by = "trial-seconds"
+            return Searcher.FINISHED
+        finished, running = self._counts()
+        if running and finished < self.n_startup_trials <= finished + running:
+            return None  # the start-up trials in flight complete the random phase: wait for them
+        return self.searcher.suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.spent_seconds += float((result or {}).get("time_total_s", 0.0))
+        self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def get_state(self) -> dict:
+        """This wrapper's own state; Tune saves the wrapped OptunaSearch separately (``save_to_dir``)."""
+        return {"spent_seconds": self.spent_seconds}
+
+    def set_state(self, state: dict) -> None:
+        self.spent_seconds = state["spent_seconds"]
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)

@@ -1,0 +1,50 @@
+"""The budget wrapper around the real OptunaSearch: start-up trials held back, time budgets end the search."""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from peftsweep.orchestrator.budget import BudgetedSearch
+
+
+def _search(**budget: float) -> BudgetedSearch:
+    space = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+    inner = OptunaSearch(
+        space,
+        metric="exact_match",
+        mode="max",
+        sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2, constant_liar=True),
+        study_name="budget",
+        storage=optuna.storages.InMemoryStorage(),
+    )
+    return BudgetedSearch(inner, n_startup_trials=2, **budget)
+
+
+def test_start_up_trials_are_not_over_launched_in_parallel() -> None:
+    search = _search()
+    assert search.suggest("a") and search.suggest("b")  # the two random start-up trials
+    assert search.suggest("c") is None  # both in flight: wait instead of a third random draw
+    search.on_trial_complete("a", {"exact_match": 0.2, "time_total_s": 1.0})
+    assert search.suggest("c") is None  # b still completes the start-up phase
+    search.on_trial_complete("b", {"exact_match": 0.5, "time_total_s": 1.0})
+    assert isinstance(search.suggest("c"), dict)  # TPE now has its start-up data
+
+
+def test_a_failed_start_up_trial_does_not_block_the_search() -> None:
+    search = _search()
+    search.suggest("a")
+    search.on_trial_complete("a", None, error=True)  # FAIL: not finished, not running
+    assert isinstance(search.suggest("b"), dict)  # nothing in flight to wait for
+
+
+def test_trial_seconds_and_wall_time_budgets_finish_the_search() -> None:
+    search = _search(trial_seconds=5.0)
+    search.suggest("a")
+    search.on_trial_complete("a", {"exact_match": 0.1, "time_total_s": 6.0})
+    assert search.suggest("b") == Searcher.FINISHED and search.stopped_by == "trial-seconds"
+    late = _search(deadline=time.monotonic() - 1)
+    assert late.suggest("a") == Searcher.FINISHED and late.stopped_by == "wall time"
