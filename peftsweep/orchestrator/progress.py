@@ -27,6 +27,7 @@ class SweepProgress:
         for col in (
             "method",
             "done",
+            "confirm",
             "running",
             "stopped",
             "diverged",
@@ -37,7 +38,9 @@ class SweepProgress:
         ):
             table.add_column(col, justify="left" if col == "method" else "right")
         for mspec in self.spec.methods:
-            trials = [t for t in self.tracker.trials.values() if t.method == mspec.name]
+            mine = [t for t in self.tracker.trials.values() if t.method == mspec.name]
+            trials = [t for t in mine if t.role == "search"]  # the budget counts search trials
+            confirms = [t for t in mine if t.role == "confirm" and t.status != "running"]
             count = {
                 s: sum(t.status == s for t in trials)
                 for s in ("completed", "running", "stopped_early", "diverged", "failed")
@@ -47,7 +50,8 @@ class SweepProgress:
                 mspec.name,
                 f"{count['completed'] + count['stopped_early'] + count['diverged'] + count['failed']}"
                 f"/{self.spec.search.trials_per_method}",
-                str(count["running"]),
+                f"{len(confirms)}/{self.spec.search.confirm_seeds * self.spec.search.confirm_top_k}",
+                str(sum(t.status == "running" for t in mine)),
                 str(count["stopped_early"]),
                 str(count["diverged"]),
                 str(count["failed"]),

@@ -474,8 +474,8 @@ def is_tie(best: dict, other: dict) -> bool:
 def final_table(spec: SweepSpec, tracker: SweepTracker, result: SweepResult) -> Table:
     metric = spec.search.metric
     table = Table(title=f"sweep {spec.name}: best config per method ({metric}, {spec.search.direction})")
-    columns = ("method", "best lr", "best rank", f"{metric} mean ± std", "seeds", "vs best", "trials")
-    for col in (*columns, "confirm", "stopped early", "diverged", "failed"):
+    columns = ("method", "best lr", "rank", f"{metric} mean±std", "seeds", "vs best", "trials")
+    for col in (*columns, "confirm", "stopped", "diverged", "failed"):
         table.add_column(col, justify="left" if col == "method" else "right")
     sign = 1 if spec.search.direction == "max" else -1
     top = max(result.best.values(), key=lambda b: sign * b["mean"], default=None)
@@ -493,7 +493,7 @@ def final_table(spec: SweepSpec, tracker: SweepTracker, result: SweepResult) -> 
             mspec.name + mark,
             f"{best['lr']:.2e}" if best else "-",
             str(best["rank"]) if best and best["rank"] else "-",  # rank 0: the method has none
-            f"{best['mean']:.3f} ± {best['std']:.3f}" if best else "-",
+            f"{best['mean']:.3f}±{best['std']:.3f}" if best else "-",
             str(best["seeds"]) if best else "-",
             versus,
             str(sum(t.role == "search" for t in trials)),

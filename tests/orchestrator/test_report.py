@@ -255,3 +255,20 @@ def test_cli_report_without_runs_exits_1_saying_so(store: Store, tmp_path: Path,
     result = CliRunner().invoke(app, ["report", str(path)])
     assert result.exit_code == 1
     assert ("no tracking store" if case == "no store" else "has no runs") in result.output
+
+
+@pytest.mark.parametrize(
+    ("pissa_lr", "wording"),
+    [
+        (3e-4, "0.3× LoRA's (lower, as in"),
+        (9.7e-4, "0.97× LoRA's (about the same"),
+        (3e-3, "3× LoRA's (higher"),
+    ],
+)
+def test_the_pissa_finding_does_not_read_noise_as_a_shift(pissa_lr: float, wording: str) -> None:
+    from types import SimpleNamespace
+
+    from peftsweep.orchestrator.report import pissa_finding
+
+    rows = [SimpleNamespace(method="lora", best_lr=1e-3), SimpleNamespace(method="pissa", best_lr=pissa_lr)]
+    assert wording in (pissa_finding(rows) or "")

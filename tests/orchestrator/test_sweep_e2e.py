@@ -58,7 +58,7 @@ def _runs(client: MlflowClient, spec: SweepSpec) -> list:
 
 def test_final_table_lists_every_method(sweep: dict[str, Any]) -> None:
     out = sweep["output"]
-    assert "best config per method" in out and "mean ± std" in out
+    assert "best config per method" in out and "mean±std" in out
     for method in METHODS:
         assert method in out
     assert "champion:" in out
