@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,12 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from peftsweep.cli import app
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from peftsweep.cluster.local import free_port
 
 
 def _spec(tmp_path: Path) -> Path:
@@ -43,7 +37,7 @@ def _spec(tmp_path: Path) -> Path:
 def test_ui_serves_the_sweep_store_on_loopback_only(
     flags: list[str], path: str, expect: bytes, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     spec = _spec(tmp_path)
     if flags:  # the dashboard reads the study store; an empty one is created by the first Optuna access
         import optuna

@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
@@ -95,6 +95,27 @@ def _check_resources(spec: SweepSpec) -> None:
         )
 
 
+def _trial_trainable(spec: SweepSpec, method: str, data_dir: Path) -> Any:
+    """The Tune trainable of one method's trials (search and confirmation alike), with its driver's CPUs."""
+    from ray import tune
+
+    from peftsweep.orchestrator.trial import tune_trial
+
+    trainable = tune.with_parameters(
+        tune_trial, spec_json=spec.model_dump(mode="json"), method=method, data_dir=str(data_dir)
+    )
+    return tune.with_resources(trainable, {"cpu": spec.resources.trial_driver_cpus})
+
+
+def _worker_task(spec: SweepSpec, fn: Callable[..., Any]) -> Any:
+    """``fn`` as a Ray task sized like one trial worker (its GPU too), so driver-side model work stays off
+    the driver."""
+    import ray
+
+    res = spec.resources
+    return ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker)(fn)
+
+
 def reconcile_study(spec: SweepSpec, method: str, tracker: SweepTracker) -> tuple[int, list[dict]]:
     """Settle the trials a dead driver left RUNNING in the method's Optuna study; return how many trials of
     the budget are done (COMPLETE or PRUNED) and the killed trials' params, to be run again first.
@@ -148,7 +169,6 @@ def _search_method(
     from ray.tune.search.optuna import OptunaSearch
 
     from peftsweep.orchestrator.budget import BudgetedSearch
-    from peftsweep.orchestrator.trial import tune_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mspec, search, res = spec.method(method), spec.search, spec.resources
@@ -187,11 +207,8 @@ def _search_method(
         if search.early_stopping == "asha"
         else FIFOScheduler()
     )
-    trainable = tune.with_parameters(
-        tune_trial, spec_json=spec.model_dump(mode="json"), method=method, data_dir=str(data_dir)
-    )
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": res.trial_driver_cpus}),
+        _trial_trainable(spec, method, data_dir),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
@@ -216,8 +233,7 @@ def _gate(spec: SweepSpec, tracker: SweepTracker, data_dir: Path) -> Callable[[s
     from peftsweep.orchestrator.promotion import run_gate
     from peftsweep.trainables.metrics import evaluate_adapter
 
-    res = spec.resources
-    task = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker)(evaluate_adapter)
+    task = _worker_task(spec, evaluate_adapter)
 
     def evaluate(spec_json: dict, data: str, adapter: str) -> dict[str, float]:
         return ray.get(task.remote(spec_json, data, adapter))
@@ -231,8 +247,7 @@ def _curvatures(spec: SweepSpec, data_dir: Path, console: Console) -> dict[str, 
 
     from peftsweep.orchestrator.priors import probe_curvature
 
-    res = spec.resources
-    task = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker)(probe_curvature)
+    task = _worker_task(spec, probe_curvature)
     spec_json = spec.model_dump(mode="json")
     with console.status("probing each method's curvature at init (top Hessian eigenvalue)…"):
         refs = {m.name: task.remote(spec_json, str(data_dir), m.name) for m in spec.methods}
@@ -330,7 +345,7 @@ def _confirm_method(
     """
     from ray import tune
 
-    from peftsweep.orchestrator.trial import CONFIRM_KEY, tune_trial
+    from peftsweep.orchestrator.trial import CONFIRM_KEY
 
     search, res = spec.search, spec.resources
     mine = [t for t in tracker.trials.values() if t.method == method and t.role == "confirm"]
@@ -343,11 +358,8 @@ def _confirm_method(
     ]
     if not grid:
         return
-    trainable = tune.with_parameters(
-        tune_trial, spec_json=spec.model_dump(mode="json"), method=method, data_dir=str(data_dir)
-    )
     tune.Tuner(
-        tune.with_resources(trainable, {"cpu": res.trial_driver_cpus}),
+        _trial_trainable(spec, method, data_dir),
         param_space={CONFIRM_KEY: tune.grid_search(grid)},
         tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent_trials),
         run_config=tune.RunConfig(
@@ -465,13 +477,9 @@ def run_sweep(
     return result
 
 
-def is_tie(best: dict, other: dict) -> bool:
-    """Within noise of the best method: the means differ by no more than the two stds together (with one
-    seed each, only an exact draw is a tie)."""
-    return abs(best["mean"] - other["mean"]) <= best["std"] + other["std"]
-
-
 def final_table(spec: SweepSpec, tracker: SweepTracker, result: SweepResult) -> Table:
+    from peftsweep.orchestrator.report import is_tie  # one tie rule for the table and the report
+
     metric = spec.search.metric
     table = Table(title=f"sweep {spec.name}: best config per method ({metric}, {spec.search.direction})")
     columns = ("method", "best lr", "rank", f"{metric} mean±std", "seeds", "vs best", "trials")
@@ -488,7 +496,8 @@ def final_table(spec: SweepSpec, tracker: SweepTracker, result: SweepResult) -> 
         elif best is top:
             versus = "best"
         else:
-            versus = "tie" if is_tie(top, best) else f"{best['mean'] - top['mean']:+.3f}"
+            tie = is_tie(best["mean"], best["std"], top["mean"], top["std"])
+            versus = "tie" if tie else f"{best['mean'] - top['mean']:+.3f}"
         table.add_row(
             mspec.name + mark,
             f"{best['lr']:.2e}" if best else "-",
