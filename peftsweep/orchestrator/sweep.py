@@ -138,6 +138,7 @@ def reconcile_study(spec: SweepSpec, method: str, tracker: SweepTracker) -> tupl
         if t.method == method and t.status in ("completed", "stopped_early", "diverged")
     ]
     rerun: list[dict] = []
+    wanted = {"lr", "rank"} if spec.method(method).ranks else {"lr"}  # the method's search space
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         lr = trial.params.get("lr")
         match = next((t for t in finished if lr is not None and math.isclose(t.lr, lr, rel_tol=1e-9)), None)
@@ -146,7 +147,10 @@ def reconcile_study(spec: SweepSpec, method: str, tracker: SweepTracker) -> tupl
             storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.COMPLETE, [value])
         else:
             storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-            rerun.append(dict(trial.params))
+            # A trial killed between Optuna's ask and its suggestions has no (or partial) params: nothing to
+            # re-run, and an incomplete point would be rejected by OptunaSearch.
+            if set(trial.params) >= wanted:
+                rerun.append(dict(trial.params))
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return len(study.get_trials(deepcopy=False, states=done)), rerun
 

@@ -94,7 +94,8 @@ def test_killed_driver_resumes_to_the_budget_without_reruns_or_zombies(tmp_path:
     for method in ("lora", "dora"):
         trials = optuna.load_study(study_name=f"resume/{method}", storage=storage).trials
         complete = [t.params["lr"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        others = [t.params["lr"] for t in trials if t.state != optuna.trial.TrialState.COMPLETE]
+        # (a trial killed between Optuna's ask and its suggestions has no params: nothing to re-run)
+        others = [t.params["lr"] for t in trials if t.state != optuna.trial.TrialState.COMPLETE and t.params]
         assert len(complete) == BUDGET, method
         assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials), method
         assert len(set(complete)) == len(complete)  # no configuration ran twice to completion
@@ -110,3 +111,21 @@ def test_killed_driver_resumes_to_the_budget_without_reruns_or_zombies(tmp_path:
     sweeps = client.search_runs([exp], filter_string="tags.`peftsweep.level` = 'sweep'")
     assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"  # the same sweep run, continued
     assert client.get_model_version_by_alias("resume", "champion") is not None
+
+
+def test_reconcile_fails_killed_trials_and_reruns_only_complete_configurations(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from peftsweep.orchestrator.sweep import reconcile_study
+    from peftsweep.spec import parse_spec
+
+    spec = parse_spec({"name": "rc", "methods": [{"name": "lora", "ranks": [4]}]}, base_dir=tmp_path)
+    spec.tracking.root.mkdir(parents=True)
+    study = optuna.create_study(study_name="rc/lora", storage=spec.tracking.optuna_storage_url())
+    sampled = study.ask()
+    lr = sampled.suggest_float("lr", 1e-4, 1e-1, log=True)
+    sampled.suggest_categorical("rank", [4])
+    study.ask()  # killed before Optuna's suggestions: no params
+    done, rerun = reconcile_study(spec, "lora", SimpleNamespace(trials={}))  # no finished MLflow runs
+    assert done == 0 and rerun == [{"lr": lr, "rank": 4}]
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
