@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from peftsweep.cluster.templates import Kind
 from peftsweep.spec import SpecError, SweepSpec, load_spec
 
 app = typer.Typer(
@@ -23,6 +24,13 @@ console = Console() if sys.stdout.isatty() else Console(width=120)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=120)
 
 SpecArg = Annotated[Path, typer.Argument(help="Sweep spec (YAML), e.g. examples/quickstart.yaml")]
+
+
+def _shown(uri: str) -> str:
+    """A store URI as printed: its password (postgresql://user:pw@host) masked, as in what MLflow gets."""
+    from peftsweep.orchestrator.redact import Redactor
+
+    return Redactor().text(uri)
 
 
 def _load(spec_path: Path) -> SweepSpec:
@@ -136,9 +144,8 @@ def best(spec_path: SpecArg) -> None:
 
     info = champion_info(spec)
     if info is None:
-        err.print(
-            f"no champion registered yet for sweep {spec.name!r} in {spec.tracking.mlflow_tracking_uri()}"
-        )
+        store = _shown(spec.tracking.mlflow_tracking_uri())
+        err.print(f"no champion registered yet for sweep {spec.name!r} in {store}")
         raise typer.Exit(1)
     for key, value in info.items():
         console.print(f"[bold]{key:>14}[/]: {value}", highlight=False)
@@ -219,13 +226,13 @@ def ui(
     spec = _load(spec_path)
     if optuna:
         storage = spec.tracking.optuna_storage_url()
-        console.print(f"optuna-dashboard for {storage} on http://{host}:{port} (Ctrl-C to stop)")
+        console.print(f"optuna-dashboard for {_shown(storage)} on http://{host}:{port} (Ctrl-C to stop)")
         from optuna_dashboard import run_server
 
         run_server(storage, host=host, port=port)
         return
     uri = spec.tracking.mlflow_tracking_uri()
-    console.print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C to stop)")
+    console.print(f"MLflow UI for {_shown(uri)} on http://{host}:{port} (Ctrl-C to stop)")
     cmd = [
         sys.executable,
         "-m",
@@ -239,6 +246,97 @@ def ui(
         str(port),
     ]
     raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+
+
+# ----------------------------------------------------------------------------------- clusters, schedules
+
+cluster_app = typer.Typer(
+    help="Cluster templates sized from a spec: Ray autoscaler, KubeRay RayCluster/RayJob, MLflow server.",
+    no_args_is_help=True,
+)
+app.add_typer(cluster_app, name="cluster")
+
+ImageOpt = Annotated[
+    str | None,
+    typer.Option(help="Container image (must contain peftsweep); default: the installed Ray's Ray image"),
+]
+
+
+@cluster_app.command("template")
+def cluster_template(
+    kind: Annotated[
+        Kind,
+        typer.Argument(
+            help="autoscaler: `ray up` config (AWS); raycluster, rayjob: KubeRay; tracking: MLflow"
+        ),
+    ],
+    spec_path: SpecArg,
+    out: Annotated[
+        Path | None, typer.Option(help="Write <DIR>/<sweep>-<kind>.yaml instead of printing it")
+    ] = None,
+    image: ImageOpt = None,
+) -> None:
+    """Write a cluster template for the sweep, its GPUs and CPUs sized from the spec's resources."""
+    spec = _load(spec_path)
+    from peftsweep.cluster.templates import render
+
+    text = render(kind, spec, spec_path, image=image)
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{spec.name}-{kind.value}.yaml"
+    path.write_text(text)
+    typer.echo(f"{path} (replace every CHANGEME in it before use)")
+
+
+@app.command()
+def schedule(
+    spec_path: SpecArg,
+    cron: Annotated[
+        str | None, typer.Option(help='When, as 5 cron fields, e.g. "0 2 * * *" (02:00 every day)')
+    ] = None,
+    crontab_file: Annotated[
+        Path | None, typer.Option(help="Edit this file instead of your crontab (`crontab -l` / `crontab -`)")
+    ] = None,
+    remove: Annotated[bool, typer.Option("--remove", help="Delete the sweep's entry instead")] = False,
+    k8s: Annotated[
+        bool, typer.Option("--k8s", help="Print a Kubernetes CronJob (with the spec's ConfigMap) instead")
+    ] = False,
+    image: ImageOpt = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster the nightly run joins; default: embedded, or with --k8s the raycluster"
+        ),
+    ] = None,
+) -> None:
+    """Run the sweep every night (`peftsweep run --nightly`): one crontab entry per sweep, or a CronJob."""
+    spec = _load(spec_path)
+    from peftsweep.cluster import schedule as sched
+
+    where = str(crontab_file) if crontab_file else "your crontab"
+    try:
+        if remove:
+            if k8s:
+                raise sched.ScheduleError("--remove edits a crontab; for --k8s use `kubectl delete cronjob`")
+            found = sched.remove(spec.name, crontab_file)
+            said = f"removed sweep {spec.name!r} from" if found else f"no entry for sweep {spec.name!r} in"
+            typer.echo(f"{said} {where}")
+            return
+        if cron is None:
+            raise sched.ScheduleError('--cron is required, e.g. --cron "0 2 * * *"')
+        if k8s:
+            typer.echo(sched.render_cronjob(spec, spec_path, cron, image=image, address=address), nl=False)
+            return
+        entry = sched.nightly_entry(spec, spec_path, cron, address=address)
+        sched.install(entry, crontab_file)
+    except sched.ScheduleError as exc:
+        err.print(f"[red]{exc}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    typer.echo(f"scheduled sweep {spec.name!r} in {where}:")
+    for line in entry.lines:
+        typer.echo(f"  {line}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -21,6 +21,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -33,8 +34,48 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys are errors: a typo must not silently fall back to a default. NaN and ±inf are errors too:
+    # `.inf` is valid YAML, passes `gt=0`, and would only fail inside Optuna or a trial.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _ints_fit_64_bits(cls, value: Any) -> Any:
+        # YAML ints are unbounded; a huge one would pass `gt=0` and overflow only inside a trial.
+        if _beyond_int64(value):
+            raise ValueError("integers must lie in [-2**63, 2**63) (torch, Ray and tokenizers take C int64)")
+        return value
+
+
+def _beyond_int64(value: Any) -> bool:
+    """Whether ``value`` is, or a list/tuple/dict value holds, an int that a C int64 cannot take."""
+    if isinstance(value, int):
+        return not -(2**63) <= value < 2**63
+    if isinstance(value, list | tuple):
+        return any(_beyond_int64(v) for v in value)
+    if isinstance(value, dict):
+        return any(_beyond_int64(v) for v in value.values())
+    return False
+
+
+# Optuna's TPE sampler seeds numpy, which takes [0, 2**32); torch takes that range too.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
+def _fields_fit_format(fields: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+    """``fields`` maps roles of the section's ``format`` to non-empty column names."""
+    from peftsweep.trainables.formats import FORMAT_ROLES  # pure Python, like this module
+
+    fmt = info.data.get("format")
+    if fmt is None:  # the format itself is invalid and reported under its own name
+        return fields
+    unknown = sorted(set(fields) - set(FORMAT_ROLES[fmt]))
+    if unknown:
+        raise ValueError(f"format {fmt!r} has no role {unknown}; its roles are {list(FORMAT_ROLES[fmt])}")
+    empty = sorted(role for role, column in fields.items() if not column)
+    if empty:
+        raise ValueError(f"role(s) {empty} need a non-empty column name")
+    return fields
 
 
 DataFormat = Literal["prompt_completion", "math", "classification", "qa", "instruction", "chat", "code"]
@@ -49,8 +90,14 @@ class DataSpec(_Strict):
     fields: dict[str, str] = Field(default_factory=dict)  # role -> column name; unset roles: format defaults
     # train/validation/test fractions when the task is one file; 80/10/10 is the fine-tuning guide's default
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    split_seed: int = 0  # the split is a pure function of this seed and the data
+    split_seed: Seed = 0  # the split is a pure function of this seed and the data
     max_eval_examples: PositiveInt = 200  # greedy-generation eval cost per eval point; 200 → 0.5 % resolution
+    # Largest row of a local file (a JSONL line, a CSV record's cells, a JSON/Parquet row as JSON), also for
+    # the forgetting data. 1 MiB is ~2000× the default max_length of 512 tokens: a longer row is a broken
+    # export (a whole file on one line), and training would tokenize all of it only to truncate it.
+    max_row_bytes: PositiveInt = 2**20
+
+    _check_fields = field_validator("fields")(_fields_fit_format)
 
     @model_validator(mode="after")
     def _split_is_a_partition(self) -> DataSpec:
@@ -70,6 +117,8 @@ class ForgettingSpec(_Strict):
     max_examples: PositiveInt = 200  # one teacher-forced pass per eval point; cheap next to generation
     # Constraint: a trial whose general loss rises by more than this scores as the worst. None: log only
     max_increase: PositiveFloat | None = None
+
+    _check_fields = field_validator("fields")(_fields_fit_format)
 
 
 class EvalSpec(_Strict):
@@ -103,6 +152,15 @@ class MethodSpec(_Strict):
     options: dict[str, Any] = Field(
         default_factory=dict
     )  # method-specific knobs, checked against the registry
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_named(cls, value: str | list[str]) -> str | list[str]:
+        # PEFT would only refuse a blank target inside the trial.
+        names = [value] if isinstance(value, str) else value
+        if not names or not all(n.strip() for n in names):
+            raise ValueError("name at least one module, none blank (default: all-linear)")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -140,7 +198,7 @@ class SearchSpec(_Strict):
     """How each method's study searches."""
 
     trials_per_method: PositiveInt = 8  # TPE needs a handful of trials per method to beat random search
-    seed: int = 0  # seeds each method's TPE sampler, so a sweep is repeatable
+    seed: Seed = 0  # seeds each method's TPE sampler, so a sweep is repeatable
     metric: str | None = None  # None: the data format's main metric (exact_match for prompt_completion)
     mode: Literal["max", "min"] | None = None  # None: min for losses (eval_loss, forgetting), else max
     early_stopping: Literal["asha", "none"] = "asha"  # ASHA stops hopeless LRs after a grace period
@@ -199,7 +257,7 @@ class TrainingSpec(_Strict):
     max_length: PositiveInt = 512  # paper protocol; tokens beyond are truncated
     eval_every: PositiveInt = 75  # eval + adapter checkpoint every N steps; ASHA compares eval points
     keep_checkpoints: PositiveInt = 2  # best k checkpoints per trial (search metric); the last is kept too
-    seed: int = 0  # seeds data order and adapter init of every trial
+    seed: Seed = 0  # seeds data order and adapter init of every trial (confirmation: seed + 1, + 2, ...)
     divergence_factor: PositiveFloat = 10.0  # loss above this × the first loss (or NaN/inf) → diverged, stop
     optimizer: Literal["adamw", "sam", "sl_sam"] = "adamw"  # paper protocol: AdamW
     sam: SamSpec = SamSpec()  # used by sam (every tensor perturbed) and sl_sam
@@ -224,6 +282,9 @@ class ResourcesSpec(_Strict):
     zero_stage: int = Field(2, ge=0, le=3)  # paper protocol: DeepSpeed ZeRO-2
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 on CPU (bf16 is ~2× slower there)
     max_worker_restarts: NonNegativeInt = 1  # a crashed worker group restarts from the last checkpoint
+    # A worker with no progress (setup stage, step or report) for this long is killed by its watchdog and
+    # restarted like a crashed one; far above a healthy base-model load or eval. None: no watchdog.
+    hang_timeout_s: PositiveFloat | None = 3600.0
 
     @model_validator(mode="after")
     def _precision_fits_device(self) -> ResourcesSpec:
@@ -240,6 +301,22 @@ class TrackingSpec(_Strict):
     registry_name: str | None = None  # None: the sweep name
     optuna_storage: str | None = None  # None: sqlite:///<root>/optuna.db (one study per method)
 
+    @field_validator("mlflow_uri", "optuna_storage")
+    @classmethod
+    def _uri_is_printable(cls, value: str | None) -> str | None:
+        # These are first used after Ray started; a blank or control-character URI must fail here instead.
+        if value and (not value.strip() or not value.isprintable()):
+            raise ValueError(f"{value!r} is not a URI (blank, or with control characters)")
+        return value
+
+    @field_validator("registry_name")
+    @classmethod
+    def _registry_name_is_valid(cls, value: str | None) -> str | None:
+        # MLflow's rule for registered model names, checked at the end of a sweep, i.e. after all training.
+        if value is not None and (not value.strip() or "/" in value or ":" in value):
+            raise ValueError("an MLflow registered model name must not be blank or contain '/' or ':'")
+        return value
+
     def mlflow_tracking_uri(self) -> str:
         return self.mlflow_uri or f"sqlite:///{self.root / 'mlflow.db'}"
 
@@ -255,14 +332,21 @@ class TrackingSpec(_Strict):
         return self.root / "ray"
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch: `$` would let a trailing newline through
+# The name is part of directory names (a file name has at most 255 bytes) next to trial and method suffixes.
+NAME_MAX_LENGTH = 100
+# A base_model that is not a local directory goes to `from_pretrained` as a hub id: [owner/]name.
+HUB_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 class SweepSpec(_Strict):
     """A whole sweep: which base, which data, which methods, how to search, train, run and track."""
 
-    name: str
+    name: str = Field(max_length=NAME_MAX_LENGTH)
     base_model: str = "builtin:tiny-arith"  # built-in pretrained tiny Llama; else a local dir or a hub id
+    # Run Python code shipped with the base model (config auto_map): arbitrary code on every worker, so
+    # off unless the spec says so, as in transformers.
+    trust_remote_code: bool = False
     data: DataSpec = DataSpec()
     methods: list[MethodSpec] = Field(min_length=1)
     search: SearchSpec = SearchSpec()
@@ -275,7 +359,7 @@ class SweepSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name_is_safe(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not _NAME.fullmatch(value):
             raise ValueError("use letters, digits, '.', '_' or '-' (it names studies, runs and directories)")
         return value
 
@@ -317,7 +401,7 @@ class SweepSpec(_Strict):
         metric = self.search.metric or allowed[0]
         if metric not in allowed:
             problems.append(
-                f"search.metric: {metric!r} is not a metric of format {self.data.format!r} {allowed}"
+                f"search.metric: {metric!r} is not a metric of data.format {self.data.format!r} {allowed}"
             )
         object.__setattr__(self, "search", self.search.model_copy(update={"metric": metric}))
         tr, res = self.training, self.resources
@@ -374,17 +458,56 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
         raise SpecError(_format_errors(exc, source)) from None
     base = (base_dir or Path.cwd()).resolve()
     root = spec.tracking.root if spec.tracking.root.is_absolute() else base / spec.tracking.root
-    tracking = spec.tracking.model_copy(update={"root": root.resolve()})
+    try:
+        root = root.resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop, a name too long
+        raise SpecError(f"{source}: invalid sweep spec\n  tracking.root: {exc}") from None
+    tracking = spec.tracking.model_copy(update={"root": root})
     return spec.model_copy(update={"tracking": tracking})
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that rejects a key given twice in a mapping; PyYAML would keep the last silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by later keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a YAML spec file. Tracking paths are relative to the working directory."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: spec file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except (OSError, ValueError) as exc:  # a directory, no permission, a name too long, a NUL byte
+        raise SpecError(f"{path}: cannot read the spec file ({exc})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise SpecError(f"{path}:{line}: not UTF-8 ({exc.reason}); save the spec as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: not valid YAML: nested too deeply") from None
     return parse_spec(data, source=str(path))

@@ -56,13 +56,14 @@ def probe_curvature(spec_json: dict[str, Any], data_dir: str, method: str) -> fl
             method,
             base,
             load_prepared(Path(data_dir)).validation,
-            AutoTokenizer.from_pretrained(base),
+            AutoTokenizer.from_pretrained(base, trust_remote_code=spec.trust_remote_code),
             rank=rank,
             alpha=rank * mspec.alpha_over_rank,
             seed=spec.training.seed,
             workdir=Path(workdir),
             options=mspec.options,
             max_length=spec.training.max_length,
+            trust_remote_code=spec.trust_remote_code,
         )
     return result.top_eigenvalue
 

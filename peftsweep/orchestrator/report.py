@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
+    from peftsweep.orchestrator.redact import RedactingClient
+
 # search: a trial of the method's study; confirm: a re-run of the best configuration with another seed.
 # An absent tag means search (sweeps recorded before confirm runs existed).
 PARENT_TAG = "mlflow.parentRunId"
@@ -129,14 +131,14 @@ def gpu_hours(trial_seconds: float, resources: ResourcesSpec) -> float | None:
     return trial_seconds * resources.workers_per_trial * resources.gpus_per_worker / SECONDS_PER_HOUR
 
 
-def _client(spec: SweepSpec) -> MlflowClient:
-    from mlflow.tracking import MlflowClient
+def _client(spec: SweepSpec) -> RedactingClient:
+    from peftsweep.orchestrator.redact import RedactingClient
 
     # The default store is a sqlite file: opening a missing one would create an empty database.
     db = spec.tracking.root / "mlflow.db"
     if spec.tracking.mlflow_uri is None and not db.is_file():
         raise ReportError(f"no tracking store at {db}: sweep {spec.name!r} has not run")
-    return MlflowClient(tracking_uri=spec.tracking.mlflow_tracking_uri())
+    return RedactingClient(tracking_uri=spec.tracking.mlflow_tracking_uri())
 
 
 def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
@@ -592,9 +594,11 @@ def build_report(
         finding=pissa_finding(rows),
         notes=_notes(reference, spec.resources),
     )
-    result.markdown.write_text(_markdown(spec, result))
-    result.html.write_text(_html(spec, result))
+    # Logged as files (log_artifact copies bytes), so redacted here: an importance's error text may quote
+    # the Optuna storage URL, password included.
     client = _client(spec)
+    result.markdown.write_text(client.redactor.text(_markdown(spec, result)))
+    result.html.write_text(client.redactor.text(_html(spec, result)))
     for path in (result.markdown, result.html, result.lr_curves):
         client.log_artifact(run_id, str(path), ARTIFACT_DIR)
     return result

@@ -44,8 +44,10 @@ class SweepResult:
 def check_inputs(spec: SweepSpec) -> dict[str, dict[str, int]]:
     """Everything that can be checked before any cluster work: data files, the base model's location.
 
-    Returns the rows per split of each data source (``data``, and ``forgetting`` when set).
+    Returns the rows per split of each data source (``data``, and ``forgetting`` when set). Every problem is
+    a SpecError naming the spec field.
     """
+    from peftsweep.spec import HUB_MODEL_ID
     from peftsweep.trainables.data import DataError
     from peftsweep.trainables.formats import check_task
     from peftsweep.trainables.loop import resolve_base_model
@@ -56,29 +58,62 @@ def check_inputs(spec: SweepSpec) -> dict[str, dict[str, int]]:
         split = getattr(source, "split", (1.0, 0.0, 0.0))  # forgetting data is used whole
         try:
             counts[section] = check_task(
-                source.task, source.format, dict(source.fields), split, getattr(source, "split_seed", 0)
+                source.task,
+                source.format,
+                dict(source.fields),
+                split,
+                getattr(source, "split_seed", 0),
+                max_row_bytes=spec.data.max_row_bytes,  # one limit for all of the sweep's data
             )
         except DataError as exc:
             raise SpecError(f"{section}.task: {exc}") from None
+    if counts["data"]["validation"] == 0:  # the search is judged on it; prepare_data would refuse it later
+        raise SpecError(
+            f"data.split: the validation split of {spec.data.task} is empty; give data.split a validation "
+            "share or add a validation file"
+        )
     try:
         base = resolve_base_model(spec.base_model)
+        looks_local = base.startswith((".", "/", "~")) or Path(base).exists()
+        config = Path(base).expanduser() / "config.json"
+        has_config = looks_local and config.is_file()
     except FileNotFoundError as exc:
         raise SpecError(f"base_model: {exc}") from None
-    looks_local = base.startswith((".", "/", "~")) or Path(base).exists()
-    config = Path(base).expanduser() / "config.json"
-    if looks_local and not config.is_file():
+    except (OSError, ValueError, RuntimeError) as exc:  # ~unknown-user, a NUL byte, a name too long
+        raise SpecError(f"base_model: {spec.base_model!r} is not a usable path ({exc})") from None
+    if not looks_local:  # a hub id: its architecture is only known once a worker loads it
+        if not HUB_MODEL_ID.fullmatch(base):
+            raise SpecError(
+                f"base_model: {base!r} is neither a local model directory nor a hub id [owner/]name"
+            )
+        return counts
+    if not has_config:
         raise SpecError(f"base_model: {base} is not a model directory (no config.json)")
+    try:
+        model_config = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise SpecError(f"base_model: {config} is not a readable JSON file ({exc})") from None
+    if not isinstance(model_config, dict):
+        raise SpecError(f"base_model: {config} holds {type(model_config).__name__}, not a JSON object")
     # Methods that cannot run on this architecture (e.g. OLoRA on GPT-2's Conv1D) fail here, not in a trial.
-    # A hub id's architecture is only known once a worker loads it.
-    if looks_local:
-        model_type = json.loads(config.read_text()).get("model_type")
-        problems = [
-            f"methods.{i}: {why}"
+    problems = [
+        f"methods.{i}: {why}"
+        for i, m in enumerate(spec.methods)
+        if (why := search_spaces.get_method(m.name).rejection(model_config.get("model_type"), cuda=True))
+    ]
+    # A rank above the hidden size is no longer low-rank: MiLoRA fails inside the trial, PiSSA and OLoRA
+    # silently cap it (trials of different ranks train the same adapter).
+    width_keys = ("hidden_size", "n_embd", "d_model")  # Llama-like, GPT-2, T5-like configs
+    width = next((w for k in width_keys if isinstance(w := model_config.get(k), int)), None)
+    if width is not None:
+        problems += [
+            f"methods.{i}.ranks: rank {max(m.ranks)} exceeds the base model's hidden size {width}; "
+            f"use ranks <= {width}"
             for i, m in enumerate(spec.methods)
-            if (why := search_spaces.get_method(m.name).rejection(model_type, cuda=True))
+            if m.ranks and max(m.ranks) > width
         ]
-        if problems:
-            raise SpecError("\n".join(problems))
+    if problems:
+        raise SpecError("\n".join(problems))
     return counts
 
 
@@ -100,9 +135,14 @@ def _trial_trainable(spec: SweepSpec, method: str, data_dir: Path) -> Any:
     from ray import tune
 
     from peftsweep.orchestrator.trial import tune_trial
+    from peftsweep.trainables.faults import faults_from_env
 
     trainable = tune.with_parameters(
-        tune_trial, spec_json=spec.model_dump(mode="json"), method=method, data_dir=str(data_dir)
+        tune_trial,
+        spec_json=spec.model_dump(mode="json"),
+        method=method,
+        data_dir=str(data_dir),
+        faults=faults_from_env(),  # reliability drills only; [] unless PEFTSWEEP_FAULTS is set
     )
     return tune.with_resources(trainable, {"cpu": spec.resources.trial_driver_cpus})
 
@@ -311,6 +351,26 @@ def _write_report(spec: SweepSpec, sweep_run_id: str, curvature: dict[str, float
     console.print(f"report: {report.html}", highlight=False)
 
 
+def _disk_usage(spec: SweepSpec) -> str:
+    """What the sweep's root holds, by part: MLflow's adapters, Ray's checkpoints, the data cache."""
+    root = spec.tracking.root
+
+    def size(path: Path) -> int:
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+    parts = {
+        "adapters (MLflow)": size(spec.tracking.artifact_root),
+        "trial checkpoints (Ray)": size(spec.tracking.ray_storage),
+        "data cache": size(root / "cache"),
+    }
+    total = size(root)
+    return (
+        f"{total / 2**20:.1f} MiB under {root} ("
+        + ", ".join(f"{name} {value / 2**20:.1f} MiB" for name, value in parts.items())
+        + ")"
+    )
+
+
 def _method_deadline(spec: SweepSpec, t0: float, methods_left: int) -> float | None:
     """This method's slice of the sweep's wall-time budget: an even share of what is left, so a slow early
     method cannot starve the later ones."""
@@ -466,6 +526,7 @@ def run_sweep(
     )
     console.print(final_table(spec, tracker, result))
     _write_report(spec, tracker.sweep_run_id, curvature, console)
+    console.print(f"disk: {_disk_usage(spec)}", highlight=False)
     if result.champion and result.promoted:
         console.print(
             f"champion: [bold]{result.champion}[/] → models:/{result.registry_name}@champion "

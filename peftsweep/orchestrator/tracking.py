@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from peftsweep.orchestrator.redact import RedactingClient
+from peftsweep.orchestrator.trial import prune_finished
 from peftsweep.spec import SweepSpec
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ LEVEL_TAG = "peftsweep.level"  # sweep | method | trial
 METHOD_TAG = "peftsweep.method"
 ROLE_TAG = "peftsweep.role"  # search | confirm
 OUTCOME_TAG = "peftsweep.outcome"  # completed | stopped_early | diverged | failed | killed
+FAILURE_TAG = "peftsweep.failure"  # why a failed trial failed, in one line (the full error: error.txt)
 CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"  # a new best that did not pass the promotion gate
 PROMOTION_TAG = "peftsweep.promotion"  # the gate's reason, on the sweep run and the new version
@@ -39,7 +41,9 @@ TRIAL_METRICS = (
     "train_loss",
     "lr",
     "diverged",
+    "oom",  # the trial ran out of memory (failed, worst score; not retried)
     "trainable_params",
+    "resumed_from_step",  # > 0: a lost worker was restarted from that step's checkpoint
     "adapter_bytes",
     "general_loss",  # forgetting check (spec.forgetting)
     "forgetting",
@@ -73,6 +77,7 @@ class TrialRecord:
     role: str = "search"  # search (Optuna's) | confirm (a top config re-run with another seed)
     metrics: dict[str, float] = field(default_factory=dict)
     has_adapter: bool = False
+    failure: str = ""  # why it failed (status failed)
 
 
 SCORED = ("completed", "stopped_early", "diverged")  # outcomes whose last metric is a trial's result
@@ -90,6 +95,12 @@ class MethodScore:
     trials: list[TrialRecord]
 
 
+def _summary(error: str) -> str:
+    """The line of an error that says what went wrong (a traceback's last non-empty line)."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else error
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
@@ -100,7 +111,7 @@ class SweepTracker:
     def __init__(self, spec: SweepSpec, resume: bool = False) -> None:
         """A new sweep run; with ``resume``, the latest sweep run of this spec reopened (see `_reload`)."""
         self.spec = spec
-        self.client = MlflowClient(tracking_uri=spec.tracking.mlflow_tracking_uri())
+        self.client = RedactingClient(tracking_uri=spec.tracking.mlflow_tracking_uri())
         self.experiment_id = self._experiment()
         self.method_runs: dict[str, str] = {}
         self.trials: dict[str, TrialRecord] = {}
@@ -160,6 +171,7 @@ class SweepTracker:
                     role=run.data.tags.get(ROLE_TAG, "search"),
                     metrics=dict(run.data.metrics),
                     has_adapter=bool(self.client.list_artifacts(run_id, ADAPTER_ARTIFACT)),
+                    failure=run.data.tags.get(FAILURE_TAG, ""),
                 )
                 self.trials[record.trial_id] = record
 
@@ -247,13 +259,17 @@ class SweepTracker:
         self.client.log_batch(record.run_id, metrics=metrics)
         record.metrics = {k: float(result[k]) for k in names if k in result}
         record.metrics["step"] = step
+        if result.get("failure"):
+            record.failure = str(result["failure"])
 
     def finish_trial(
         self, record: TrialRecord, checkpoint_path: str | None, error: str | None = None
     ) -> None:
-        if error is not None:
+        if error is not None or record.metrics.get("oom"):
             record.status = "failed"
-            self.client.log_text(record.run_id, error, "error.txt")
+            record.failure = record.failure or _summary(error or "failed")
+            self.client.log_text(record.run_id, error or record.failure, "error.txt")
+            self.client.set_tag(record.run_id, FAILURE_TAG, record.failure[:500])
         elif record.metrics.get("diverged"):
             record.status = "diverged"
         elif record.metrics.get("step", 0) < self.spec.training.max_steps:
@@ -264,7 +280,7 @@ class SweepTracker:
             self._log_adapter(record.run_id, Path(checkpoint_path))
             record.has_adapter = True
         self.client.set_tag(record.run_id, OUTCOME_TAG, record.status)
-        self.client.set_terminated(record.run_id, "FAILED" if error else "FINISHED")
+        self.client.set_terminated(record.run_id, "FAILED" if record.status == "failed" else "FINISHED")
 
     def _log_adapter(self, run_id: str, checkpoint: Path) -> None:
         """The checkpoint's adapter files, not its resume state (optimizer moments are not the product)."""
@@ -302,7 +318,8 @@ class SweepTracker:
         """
         metric, sign = self.spec.search.metric, (1 if self.spec.search.direction == "max" else -1)
         groups: dict[tuple[float, int], list[TrialRecord]] = {}
-        for t in self._scored(method):
+        # A diverged trial's worst score steers the sampler away; it never makes a config the method's best.
+        for t in (t for t in self._scored(method) if t.status != "diverged"):
             groups.setdefault((t.lr, t.rank), []).append(t)
         confirmed = {c: g for c, g in groups.items() if any(t.role == "confirm" for t in g)}
         pool = confirmed or groups
@@ -438,6 +455,7 @@ class TrialRecorder(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         record = self.tracker.trials[trial.trial_id]
         self.tracker.finish_trial(record, (trial.last_result or {}).get("checkpoint_path"))
+        prune_finished(self.tracker.spec, trial.trial_id)  # its adapter is in MLflow now
         self.on_change()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -446,6 +464,7 @@ class TrialRecorder(Callback):
         self.tracker.finish_trial(
             record, (trial.last_result or {}).get("checkpoint_path"), error=str(error or "trial failed")
         )
+        prune_finished(self.tracker.spec, trial.trial_id)
         self.on_change()
 
 

@@ -219,6 +219,7 @@ def probe_method(
     seed: int = 0,
     workdir: Path,
     options: Mapping[str, Any] | None = None,
+    trust_remote_code: bool = False,
     max_length: int = DEFAULT_MAX_LENGTH,
 ) -> CurvatureResult:
     """λ_max of ``method``'s adapter at initialisation on a fresh fp32 copy of the base.
@@ -267,6 +268,8 @@ def probe_method(
     with tempfile.TemporaryDirectory(prefix=f"curvature-{method}-", dir=workdir) as scratch:
         with torch.random.fork_rng(devices=[]):  # seeded init without moving the caller's global RNG
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                base_model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
             model = recipe.apply(model, hparams, Path(scratch))
         return probe_model(model, batches, iters=iters, tol=tol, seed=seed)

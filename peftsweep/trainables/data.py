@@ -27,6 +27,15 @@ class DataError(ValueError):
     """A task file is missing or malformed; the message names the file and, where it applies, the line."""
 
 
+def json_reason(exc: ValueError | RecursionError) -> str:
+    """Why ``json.loads`` failed, for a message: the decoder's reason and column, or the limit it hit."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).partition(";")[0]  # an integer longer than sys.get_int_max_str_digits(), without the hint
+
+
 def resolve_task_dir(task: str) -> Path:
     """Absolute directory of a task: ``builtin:NAME`` -> packaged dir, else a local dir with both splits."""
     if task.startswith(BUILTIN_PREFIX):
@@ -36,9 +45,15 @@ def resolve_task_dir(task: str) -> Path:
             path = builtin_task_dir(task[len(BUILTIN_PREFIX) :])
         except FileNotFoundError as exc:
             raise DataError(str(exc)) from None
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+            raise DataError(f"{task!r}: not a usable task name ({exc})") from None
     else:
-        path = Path(task).expanduser().resolve()  # absolute: Ray workers run in another working directory
-        if not path.is_dir():
+        try:
+            path = Path(task).expanduser().resolve()  # absolute: Ray workers run in another directory
+            found = path.is_dir()
+        except (OSError, ValueError, RuntimeError) as exc:  # ~unknown-user, a NUL byte, a name too long
+            raise DataError(f"{task!r}: not a usable path ({exc})") from None
+        if not found:
             raise DataError(
                 f"{path}: task directory not found (expected a directory with train.jsonl, eval.jsonl)"
             )
@@ -66,8 +81,8 @@ def _check_file(path: Path, prompt_field: str, completion_field: str) -> int:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            except (ValueError, RecursionError) as exc:
+                raise DataError(f"{where}: invalid JSON ({json_reason(exc)})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             for field in (prompt_field, completion_field):

@@ -17,22 +17,29 @@ stays fast.
 
 Where an error points: ``file.jsonl:7`` is the 1-based line; ``file.csv: row 3`` the 1-based CSV record with
 the header as row 1 (the line number unless a cell spans lines); ``file.json: index 2`` and
-``file.parquet: index 2`` the 0-based position in the array or table.
+``file.parquet: index 2`` the 0-based position in the array or table. Bytes that are not UTF-8 are named by
+line (``file.csv:7``). Blank lines of a JSONL or CSV file hold no row and are skipped (they keep their
+numbers), so the row counts :func:`check_task` returns leave them out. :func:`check_task` can refuse rows over
+a size (``max_row_bytes``, the spec's ``data.max_row_bytes``): a JSONL line, the cells of a CSV record, or a
+JSON or Parquet row written as compact JSON.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import io
 import json
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from peftsweep.trainables.data import BUILTIN_PREFIX, DataError, resolve_task_dir
+from peftsweep.trainables.data import BUILTIN_PREFIX, DataError, json_reason, resolve_task_dir
 
 if TYPE_CHECKING:
     import datasets
@@ -147,10 +154,14 @@ def parse_task(task: str) -> TaskSource:
         return TaskSource("hf", hf_id=hf_id.strip(), hf_config=config.strip() or None)
     if task.startswith(BUILTIN_PREFIX):
         return TaskSource("dir", path=resolve_task_dir(task))
-    path = Path(task).expanduser().resolve()
-    if path.is_dir():
+    try:
+        path = Path(task).expanduser().resolve()
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, ValueError, RuntimeError) as exc:  # ~unknown-user, a NUL byte, a name too long
+        raise DataError(f"{task!r}: not a usable path ({exc})") from None
+    if is_dir:
         return TaskSource("dir", path=path)
-    if not path.is_file():
+    if not is_file:
         raise DataError(f"{path}: task not found (expected a file {'/'.join(EXTENSIONS)} or a directory)")
     _extension(path)
     return TaskSource("file", path=path)
@@ -206,6 +217,19 @@ def _text(value: Any, role: str, column: str, where: str, required: bool = True)
         raise DataError(f"{where}: field {_name(role, column)} must be a string, got {type(value).__name__}")
     if required and not value.strip():
         raise DataError(f"{where}: field {_name(role, column)} is empty")
+    return _unicode(value, f"field {_name(role, column)}", where)
+
+
+def _unicode(value: str, what: str, where: str) -> str:
+    """``value`` if it is valid Unicode text. A JSON escape such as ``\\ud800`` decodes to a lone surrogate,
+    which passes as a str but fails in Arrow and the tokenizer, i.e. only inside a trial."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(
+            f"{where}: {what} is not valid Unicode (unpaired surrogate {value[exc.start]!r} at character "
+            f"{exc.start})"
+        ) from None
     return value
 
 
@@ -246,9 +270,9 @@ def _messages(value: Any, role: str, column: str, where: str) -> list[dict[str, 
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:
             raise DataError(
-                f"{where}: field {_name(role, column)} is a string but not JSON ({exc.msg})"
+                f"{where}: field {_name(role, column)} is a string but not JSON ({json_reason(exc)})"
             ) from None
     if not isinstance(value, list | tuple):
         raise DataError(
@@ -271,6 +295,7 @@ def _messages(value: Any, role: str, column: str, where: str) -> list[dict[str, 
             raise DataError(f"{at}: unknown role {msg['role']!r} (expected one of {list(CHAT_ROLES)})")
         if not isinstance(msg["content"], str):
             raise DataError(f"{at}: 'content' must be a string, got {type(msg['content']).__name__}")
+        _unicode(msg["content"], "'content'", at)
         out.append({"role": msg["role"], "content": msg["content"]})
     if out[-1]["role"] != "assistant":
         raise DataError(
@@ -443,11 +468,48 @@ class _Records:
     header: str = ""  # how messages name the header/schema
 
 
-def _read_jsonl(path: Path) -> _Records:
+def _check_size(where: str, size: int, limit: int | None) -> None:
+    """Refuse a row of more than ``limit`` bytes (None: no limit), naming the row and the limit."""
+    if limit is not None and size > limit:
+        raise DataError(
+            f"{where}: row is {size:,} bytes, over the limit of {limit:,} bytes (data.max_row_bytes); "
+            "fix the row or raise the limit"
+        )
+
+
+def _json_bytes(row: Any) -> int:
+    """A parsed row's size as compact UTF-8 JSON (what the row-size limit measures for JSON and Parquet)."""
+    text = json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _decode(path: Path) -> str:
+    """The whole file as text (UTF-8, an optional BOM dropped); bytes that are not UTF-8 are named by line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 ({exc.reason})") from None
+
+
+@contextmanager
+def _csv_fields_unbounded() -> Iterator[None]:
+    """Lift the csv module's 128 KiB cell limit while reading: rows are held to ``max_row_bytes`` instead,
+    so a file that passes :func:`check_task` also loads (:func:`load_task` has no limit)."""
+    previous = csv.field_size_limit(sys.maxsize)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _read_jsonl(path: Path, max_row_bytes: int | None = None) -> _Records:
     rows = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
+            _check_size(where, len(raw.rstrip(b"\r\n")), max_row_bytes)  # before parsing a huge line
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # editors on Windows write one
                 raw = raw[len(codecs.BOM_UTF8) :]
             try:
@@ -458,26 +520,27 @@ def _read_jsonl(path: Path) -> _Records:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            except (ValueError, RecursionError) as exc:
+                raise DataError(f"{where}: invalid JSON ({json_reason(exc)})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             rows.append((where, obj))
     return _Records(rows)
 
 
-def _read_json(path: Path) -> _Records:
+def _read_json(path: Path, max_row_bytes: int | None = None) -> _Records:
     """A JSON array of objects; a ``.json`` file holding JSON Lines (many hub exports do) is read as such."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 ({exc.reason})") from None
+    text = _decode(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # a second top-level value: JSON Lines
-            return _read_jsonl(path)
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            return _read_jsonl(path, max_row_bytes)
+        if not text.strip():
+            raise DataError(f"{path}: empty file (expected a JSON array of objects)") from None
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({json_reason(exc)})") from None
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{path}: invalid JSON ({json_reason(exc)})") from None
     if not isinstance(data, list):
         raise DataError(
             f"{path}: expected a JSON array of objects (or JSON Lines), got {type(data).__name__}"
@@ -487,32 +550,35 @@ def _read_json(path: Path) -> _Records:
         where = f"{path}: index {i}"
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if max_row_bytes is not None:
+            _check_size(where, _json_bytes(obj), max_row_bytes)
         rows.append((where, obj))
     return _Records(rows)
 
 
-def _read_csv(path: Path) -> _Records:
+def _read_csv(path: Path, max_row_bytes: int | None = None) -> _Records:
     """Every cell a string, nothing coerced; row N is the N-th record with the header as row 1."""
     rows = []
     header: list[str] | None = None
-    n = 1
+    n = 0
+    text = _decode(path)  # whole: a decoding error inside csv's buffered reads would name the wrong row
     try:
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            for n, cells in enumerate(csv.reader(f), start=1):
+        with _csv_fields_unbounded():
+            for n, cells in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
                 if not cells:  # a blank line: no row, but it keeps its number
                     continue
+                where = f"{path}: row {n}" + (" (header)" if header is None else "")
+                if max_row_bytes is not None:
+                    _check_size(where, sum(len(c.encode("utf-8")) for c in cells), max_row_bytes)
                 if header is None:
                     header = cells
                     duplicates = sorted({c for c in cells if cells.count(c) > 1})
                     if duplicates:
-                        raise DataError(f"{path}: row {n} (header): duplicate column(s) {duplicates}")
+                        raise DataError(f"{where}: duplicate column(s) {duplicates}")
                     continue
-                where = f"{path}: row {n}"
                 if len(cells) != len(header):
                     raise DataError(f"{where}: {len(cells)} cells, but the header has {len(header)} columns")
                 rows.append((where, dict(zip(header, cells, strict=True))))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: row {n + 1}: not UTF-8 ({exc.reason})") from None
     except csv.Error as exc:
         raise DataError(f"{path}: row {n + 1}: invalid CSV ({exc})") from None
     if header is None:
@@ -520,7 +586,7 @@ def _read_csv(path: Path) -> _Records:
     return _Records(rows, header, f"{path}: row 1 (header)")
 
 
-def _read_parquet(path: Path) -> _Records:
+def _read_parquet(path: Path, max_row_bytes: int | None = None) -> _Records:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -529,10 +595,14 @@ def _read_parquet(path: Path) -> _Records:
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: cannot read as parquet ({exc})") from None
     rows = [(f"{path}: index {i}", row) for i, row in enumerate(table.to_pylist())]
+    if max_row_bytes is not None:
+        for where, row in rows:
+            _check_size(where, _json_bytes(row), max_row_bytes)
     return _Records(rows, table.column_names, f"{path}: schema")
 
 
-READERS: dict[str, Callable[[Path], _Records]] = {
+# Each reader takes the file and the row-size limit in bytes (None: no limit).
+READERS: dict[str, Callable[[Path, int | None], _Records]] = {
     ".jsonl": _read_jsonl,
     ".json": _read_json,
     ".csv": _read_csv,
@@ -541,11 +611,24 @@ READERS: dict[str, Callable[[Path], _Records]] = {
 
 
 def read_file(
-    path: Path, fmt: str, fields: Mapping[str, str] | None, tokenizer: Any | None = None
+    path: Path,
+    fmt: str,
+    fields: Mapping[str, str] | None,
+    tokenizer: Any | None = None,
+    max_row_bytes: int | None = None,
 ) -> list[Row]:
-    """All rows of one local file, validated and normalised; a file with no row is an error."""
+    """All rows of one local file, validated and normalised; a file with no row is an error.
+
+    ``max_row_bytes``: refuse a bigger row (the module docstring says how rows are measured); None: no limit.
+    """
     columns = resolve_fields(fmt, fields)
-    records = READERS[_extension(path)](path)
+    suffix = _extension(path)
+    try:
+        if max_row_bytes is not None and suffix != ".parquet" and path.stat().st_size <= max_row_bytes:
+            max_row_bytes = None  # no row of a file this small can be bigger (parquet is compressed)
+        records = READERS[suffix](path, max_row_bytes)
+    except OSError as exc:  # unreadable: no permission, removed meanwhile
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if records.columns is not None:  # a header or schema: a missing column is the file's fault, say so once
         for role, column in columns.items():
             if (FORMAT_ROLES[fmt][role].required or role in (fields or {})) and column not in records.columns:
@@ -640,12 +723,13 @@ def _local_splits(
     fractions: tuple[float, float, float],
     seed: int,
     tokenizer: Any | None,
+    max_row_bytes: int | None = None,
 ) -> dict[str, list[Row]]:
     """Normalised rows per split of a file or directory task; every file is validated before any split."""
     assert source.path is not None  # file and dir sources always carry one
     by_name = dict(zip(SPLITS, fractions, strict=True))
     files = {"train": source.path} if source.kind == "file" else _split_files(source.path)
-    rows = {split: read_file(path, fmt, fields, tokenizer) for split, path in files.items()}
+    rows = {split: read_file(path, fmt, fields, tokenizer, max_row_bytes) for split, path in files.items()}
     # A directory's files are the user's split: only a missing validation file is carved out of train (the
     # search needs one); without a test file there is no test split, and train keeps every row.
     missing = [s for s in SPLITS if s not in files and (source.kind == "file" or s == "validation")]
@@ -748,15 +832,18 @@ def check_task(
     fields: Mapping[str, str] | None = None,
     split: Sequence[float] = DEFAULT_SPLIT,
     split_seed: int = DEFAULT_SPLIT_SEED,
+    max_row_bytes: int | None = None,
 ) -> dict[str, int]:
     """Validate every row and the split of a task, without torch; return the rows per split.
 
     For the CLI before any Ray work: local tasks need neither ``datasets`` nor a tokenizer (chat is checked
     structurally; a chat template is only applied in the trial). An ``hf:`` task is downloaded to do this.
+    ``max_row_bytes`` refuses bigger rows of local files (None: no limit; the spec sets data.max_row_bytes).
     """
     fractions = check_fractions(split)
     resolve_fields(fmt, fields)  # a bad format or fields mapping is reported before the files are read
     source = parse_task(task)
     if source.kind == "hf":
         return {s: len(ds) for s, ds in _hf_splits(source, fmt, fields, fractions, split_seed, None).items()}
-    return {s: len(r) for s, r in _local_splits(source, fmt, fields, fractions, split_seed, None).items()}
+    rows = _local_splits(source, fmt, fields, fractions, split_seed, None, max_row_bytes)
+    return {s: len(r) for s, r in rows.items()}

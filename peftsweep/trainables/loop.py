@@ -19,18 +19,22 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peftsweep.spec import SweepSpec
+from peftsweep.trainables.faults import Fault
 
 # report(metrics, checkpoint_dir): every rank passes its own directory (rank 0's holds the adapter), or None
 # when there is nothing to checkpoint (a diverged trial).
-Reporter = Callable[[dict[str, float], Path | None], None]
+Reporter = Callable[[dict[str, Any], Path | None], None]
 
 TRAINER_STATE = "trainer_state"  # checkpoint subdirectory with the resume state; not part of the adapter
+# A torch JIT-extension build holds its lock file for seconds (DeepSpeed's shm op: ~30 s on first build); one
+# this old belongs to a killed process, and torch would wait on it forever.
+_STALE_BUILD_LOCK_S = 600.0
 _DS_TAG = "state"  # DeepSpeed checkpoint tag inside TRAINER_STATE
 
 
@@ -41,6 +45,11 @@ def resolve_base_model(name: str) -> str:
 
         return str(builtin_model_dir(name.removeprefix("builtin:")))
     return name
+
+
+def hub_options(spec: SweepSpec) -> dict[str, Any]:
+    """Keyword arguments of every ``from_pretrained`` of the base model or its tokenizer."""
+    return {"trust_remote_code": spec.trust_remote_code}
 
 
 def deepspeed_config(spec: SweepSpec, world_size: int = 1) -> dict[str, Any]:
@@ -84,11 +93,15 @@ def run_trial(
     *,
     data_dir: Path | None = None,
     resume_from: Path | None = None,
+    fault: Fault | None = None,
+    heartbeat: Callable[[], None] | None = None,
 ) -> None:
     """Fine-tune one adapter, evaluating and checkpointing every `eval_every` steps.
 
     ``data_dir``: the sweep's prepared (tokenized) data; None prepares it here (standalone use).
     ``resume_from``: a checkpoint directory reported earlier by this trial; training continues from it.
+    ``fault``: an injected in-step fault (NaN loss, out of memory) for reliability drills (`faults`).
+    ``heartbeat``: called at each setup stage, optimizer step and report (the hang watchdog's input).
     Needs an initialised torch.distributed process group (Ray Train provides one; see `init_standalone`).
     """
     from peftsweep.trainables.prepared import prepare_data
@@ -96,7 +109,7 @@ def run_trial(
     data_dir = data_dir or prepare_data(spec)
     # Scratch space for the method's initial-adapter snapshot (PiSSA/MiLoRA export); removed at the end.
     with tempfile.TemporaryDirectory(prefix="peftsweep-trial-") as scratch, _free_accelerator_memory():
-        _train(spec, method, lr, rank, seed, report, Path(scratch), data_dir, resume_from)
+        _train(spec, method, lr, rank, seed, report, Path(scratch), data_dir, resume_from, fault, heartbeat)
 
 
 @contextmanager
@@ -122,6 +135,8 @@ def _train(
     workdir: Path,
     data_dir: Path,
     resume_from: Path | None,
+    fault: Fault | None = None,
+    heartbeat: Callable[[], None] | None = None,
 ) -> None:
     import deepspeed
     import torch
@@ -139,6 +154,8 @@ def _train(
 
     tr, mspec = spec.training, spec.method(method)
     world, rank_id = dist.get_world_size(), dist.get_rank()
+    beat = heartbeat or (lambda: None)  # the hang watchdog's input: every setup stage, step and report
+    beat()
 
     # --- setup: base model, adapter, data -------------------------------------------------------------
     # One thread per reserved CPU: concurrent trials oversubscribe a small machine badly otherwise.
@@ -146,10 +163,10 @@ def _train(
     torch.manual_seed(seed)
     hf_logging.disable_progress_bar()  # per-trial weight-loading bars only clutter worker logs
     base_path = resolve_base_model(spec.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_path, **hub_options(spec))
     # fp32 master weights; DeepSpeed casts to bf16/fp16 when the spec asks for it. The full base is loaded
     # (never zero.Init), so SVD inits (PiSSA, MiLoRA) see whole weights before ZeRO-3 shards them.
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **hub_options(spec))
     hparams = search_spaces.AdapterHParams(
         rank=rank,
         alpha=rank * mspec.alpha_over_rank,
@@ -159,7 +176,9 @@ def _train(
         total_steps=tr.max_steps,
     )
     recipe = search_spaces.get_method(method)
+    beat()
     model = recipe.apply(model, hparams, workdir)
+    beat()
 
     data = load_prepared(data_dir)
     sampler = DistributedSampler(data.train, num_replicas=world, rank=rank_id, shuffle=True, seed=seed)
@@ -189,9 +208,11 @@ def _train(
         num_warmup_steps=math.ceil(tr.warmup_ratio * tr.max_steps),
         num_training_steps=tr.max_steps,
     )
+    _clear_stale_build_locks()
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec, world)
     )
+    beat()
     device = engine.device
     sam = None
     if tr.optimizer != "adamw":
@@ -232,6 +253,7 @@ def _train(
     window: list[float] = []
     stats = _fresh_stats()
     accum = torch.zeros(3, dtype=torch.float64)  # task loss, objective, guarded objective over a step
+    beat()
     engine.train()
     while step < tr.max_steps:
         sampler.set_epoch(epoch)
@@ -242,15 +264,28 @@ def _train(
             tick = time.perf_counter()
             stats["tokens"] += int(batch["attention_mask"].sum())
             batch = {k: v.to(device) for k, v in batch.items()}
-            objective, task, guarded = losses(batch, step, engine if sam is None else engine.module)
-            if sam is not None:
-                # SAM's two passes: ascend on a (bandit-chosen) subset of tensors, take the gradient there.
-                sam.ascent(objective)
-                stats["perturbed"] += sam.last_perturbed_fraction
-                engine.backward(losses(batch, step, engine)[0])
-                sam.restore()
-            else:
-                engine.backward(objective)
+            try:
+                _inject(fault, step + 1)
+                objective, task, guarded = losses(batch, step, engine if sam is None else engine.module)
+                if fault is not None and fault.kind == "nan" and step + 1 >= fault.step:
+                    fault.fire()
+                    objective, task, guarded = (t * float("nan") for t in (objective, task, guarded))
+                if sam is not None:
+                    # SAM's two passes: ascend on a (bandit-chosen) subset of tensors, take the gradient there
+                    sam.ascent(objective)
+                    stats["perturbed"] += sam.last_perturbed_fraction
+                    engine.backward(losses(batch, step, engine)[0])
+                    sam.restore()
+                else:
+                    engine.backward(objective)
+            except torch.OutOfMemoryError as exc:
+                if world > 1:
+                    # The other ranks wait in a collective this rank will never join: fail the group.
+                    raise
+                # Deterministic for this (method, rank, batch): a restart would only hit it again. A failed
+                # trial with the worst score, so neither Ray Train nor the sampler retries this config.
+                report(_failed_metrics(step, f"out of memory at step {step + 1}: {exc}", spec), None)
+                return
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary and recipe.after_backward:
                 recipe.after_backward(engine.module, step + 1)
@@ -261,6 +296,7 @@ def _train(
             if not boundary:
                 continue
             step += 1
+            beat()
 
             # Divergence guard; every worker must agree, because every worker must report the same number of
             # times. train_loss is the task loss alone, comparable across methods and objectives.
@@ -288,6 +324,7 @@ def _train(
                     "lr": scheduler.get_last_lr()[0],
                     "diverged": 0.0,
                     "trainable_params": trainable_params,
+                    "resumed_from_step": progress.resumed_from_step,  # 0 unless a worker was restarted
                 }
                 metrics |= _throughput(stats, world, device)
                 if sam is not None:
@@ -345,6 +382,40 @@ def _throughput(stats: dict[str, float], world: int, device: Any) -> dict[str, f
 
 def _worst(spec: SweepSpec) -> float:
     return 0.0 if spec.search.direction == "max" else float("inf")
+
+
+def _clear_stale_build_locks() -> None:
+    """Remove torch JIT-extension build locks left by killed processes (before DeepSpeed loads its ops).
+
+    DeepSpeed loads its shm op through torch's JIT loader on every initialize; the loader takes a lock file,
+    and a worker SIGKILLed inside that window (a watchdog kill, a lost node) leaves it behind: every later
+    trial on the machine would then wait for it forever.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time()
+    for lock in root.glob("*/*/lock"):
+        with suppress(FileNotFoundError):  # another worker may clear it first
+            if now - lock.stat().st_mtime > _STALE_BUILD_LOCK_S:
+                lock.unlink()
+
+
+def _inject(fault: Fault | None, step: int) -> None:
+    """An injected out-of-memory error at the fault's step (reliability drills)."""
+    if fault is not None and fault.kind == "oom" and step == fault.step:
+        import torch
+
+        fault.fire()
+        raise torch.OutOfMemoryError(f"injected fault: CUDA out of memory at step {step}")
+
+
+def _failed_metrics(step: int, reason: str, spec: SweepSpec) -> dict[str, Any]:
+    """A trial that cannot go on (out of memory): the worst score, and the reason for the driver to record."""
+    metrics: dict[str, Any] = {"eval_loss": float("inf"), "step": step, "diverged": 0.0, "oom": 1.0}
+    metrics[spec.search.metric] = _worst(spec)
+    metrics["failure"] = reason
+    return metrics
 
 
 def _diverged_metrics(step: int, loss: float, spec: SweepSpec) -> dict[str, float]:
@@ -409,7 +480,7 @@ def _load_state(engine: Any, sam: Any, ckpt: Path, rank_id: int) -> Progress:
     )
     if load_path is None:
         raise RuntimeError(f"{state_dir}: DeepSpeed could not load checkpoint tag {_DS_TAG!r}")
-    extra = torch.load(state_dir / f"rank{rank_id}.pt", weights_only=False)  # our own file, written above
+    extra = torch.load(state_dir / f"rank{rank_id}.pt", weights_only=True)  # tensors and numbers only
     torch.set_rng_state(extra["rng"]["cpu"])
     if "cuda" in extra["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(extra["rng"]["cuda"])
@@ -432,24 +503,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # DeepSpeed picks its device from LOCAL_RANK; make it the GPU Ray assigned to this worker.
         os.environ["LOCAL_RANK"] = str(ray.train.torch.get_device().index or 0)
 
+    from peftsweep.trainables.faults import Watchdog, after_report
+
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarted the worker group after a failure
-    # Fault injection (tests, reliability drills): crash once, right after the report at this step.
-    fault_after = config.get("fault_after_step") if checkpoint is None else None
+    # Reliability drills (trainables.faults) fire once per trial: a restart shows the recovery.
+    fault = Fault(**config["fault"]) if config.get("fault") else None
+    fault = fault if fault is not None and fault.armed() else None
 
-    def report(metrics: dict[str, float], ckpt_dir: Path | None) -> None:
-        ray.train.report(
-            metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
-        )
-        if fault_after is not None and metrics.get("step") == fault_after:
-            raise RuntimeError(f"injected fault after step {fault_after}")
+    with Watchdog(spec.resources.hang_timeout_s) as watchdog:
 
-    data_dir = Path(config["data_dir"]) if config.get("data_dir") else None
-    args = (spec, config["method"], config["lr"], config["rank"], config["seed"], report)
-    if checkpoint is None:
-        run_trial(*args, data_dir=data_dir)
-        return
-    with checkpoint.as_directory() as ckpt:
-        run_trial(*args, data_dir=data_dir, resume_from=Path(ckpt))
+        def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
+            )
+            watchdog.beat()
+            after_report(fault, int(metrics.get("step", -1)))
+
+        data_dir = Path(config["data_dir"]) if config.get("data_dir") else None
+        args = (spec, config["method"], config["lr"], config["rank"], config["seed"], report)
+        if checkpoint is None:
+            run_trial(*args, data_dir=data_dir, fault=fault, heartbeat=watchdog.beat)
+            return
+        with checkpoint.as_directory() as ckpt:
+            run_trial(*args, data_dir=data_dir, resume_from=Path(ckpt), heartbeat=watchdog.beat)
 
 
 def init_standalone() -> None:

@@ -183,16 +183,17 @@ def evaluate_adapter(spec_json: dict[str, Any], data_dir: str, adapter_dir: str)
 
     from peftsweep.search_spaces import load_trained
     from peftsweep.spec import SweepSpec
-    from peftsweep.trainables.loop import resolve_base_model
+    from peftsweep.trainables.loop import hub_options, resolve_base_model
     from peftsweep.trainables.prepared import load_prepared
 
     spec = SweepSpec.model_validate(spec_json)
     torch.manual_seed(spec.training.seed)  # sampled evaluation (samples > 1) repeats exactly
     base_path = resolve_base_model(spec.base_model)
-    model = load_trained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **hub_options(spec))
+    model = load_trained(base, adapter_dir)
     if torch.cuda.is_available():
         model = model.to("cuda")
     data = load_prepared(Path(data_dir))
     rows = data.test if data.test is not None else data.validation
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_path, **hub_options(spec))
     return evaluate(model, tokenizer, rows, spec.data.format, **spec.evaluation.model_dump())

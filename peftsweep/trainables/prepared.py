@@ -44,10 +44,10 @@ def prepare_data(spec: SweepSpec) -> Path:
 
     from peftsweep.trainables.data import DataError, tokenize_for_training
     from peftsweep.trainables.formats import load_task
-    from peftsweep.trainables.loop import resolve_base_model
+    from peftsweep.trainables.loop import hub_options, resolve_base_model
 
     datasets.disable_progress_bars()  # the CLI shows its own status line; per-split bars are noise
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(spec.base_model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(spec.base_model), **hub_options(spec))
     out = spec.tracking.root / "cache" / f"data-{_fingerprint(spec, tokenizer)}"
     if (out / _DONE).is_file():
         return out

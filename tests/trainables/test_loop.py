@@ -76,7 +76,7 @@ def test_a_crashed_worker_group_resumes_from_its_last_checkpoint(ray_session: No
         train_loop_per_worker,
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
-            **{"method": "lora", "lr": 5e-3, "rank": 4, "seed": 0, "fault_after_step": 10},
+            **{"method": "lora", "lr": 5e-3, "rank": 4, "seed": 0, "fault": {"kind": "crash", "step": 10}},
         },
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.45}),
         run_config=ray.train.RunConfig(
