@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -32,7 +33,48 @@ def _kill_session_leftovers(session: Path) -> None:
             proc.kill()
 
 
-def test_killed_driver_resumes_to_the_budget_without_reruns_or_zombies(tmp_path: Path) -> None:
+# Kill points: wait for the event, then a seeded random delay (the driver is anywhere in its work by then).
+KILLS = [
+    ("the sweep run exists (trials starting)", 0, (0.0, 8.0)),
+    ("one trial finished", 1, (0.0, 6.0)),
+    ("three trials finished (the second method under way)", 3, (0.0, 4.0)),
+]
+
+
+def _finished_trial_runs(client: MlflowClient, exp: str) -> dict[str, dict[str, float]]:
+    runs = client.search_runs(
+        [exp], "tags.`peftsweep.level` = 'trial' and attributes.status = 'FINISHED'", max_results=500
+    )
+    return {r.info.run_id: dict(r.data.metrics) for r in runs}
+
+
+def _run_until_killed(cmd: list[str], log: Path, spec, min_done: int, delay: float) -> bool:
+    """Start the driver, SIGKILL it (and its Ray) ``delay`` s after ``min_done`` trials are done; False when
+    it finished first."""
+    before = _ray_sessions()
+    with log.open("a") as out:
+        driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 420
+    try:
+        while driver.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            started = (spec.tracking.root / "optuna.db").is_file()
+            if started and sum(m.complete + m.pruned for m in sweep_status(spec)) >= min_done:
+                time.sleep(delay)
+                break
+            time.sleep(1)
+        finished = driver.poll() is not None
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        for session in _ray_sessions() - before:
+            _kill_session_leftovers(session)
+    assert not finished or driver.returncode == 0, log.read_text()[-3000:]
+    return not finished
+
+
+def test_driver_killed_again_and_again_resumes_to_the_budget_without_loss_or_zombies(tmp_path: Path) -> None:
     spec_path = tmp_path / "resume.yaml"
     spec_path.write_text(
         yaml.safe_dump(
@@ -56,61 +98,49 @@ def test_killed_driver_resumes_to_the_budget_without_reruns_or_zombies(tmp_path:
         )
     )
     spec = load_spec(spec_path)
-    before = _ray_sessions()
-    with (tmp_path / "run.log").open("w") as log:
-        driver = subprocess.Popen(
-            [CLI, "run", str(spec_path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    deadline = time.monotonic() + 420
-    try:
-        while True:  # kill as soon as one lora trial is done and the other may still be running
-            assert driver.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no trial finished in time"
-            if (tmp_path / "runs" / "optuna.db").is_file() and sweep_status(spec)[0].complete >= 1:
-                break
-            time.sleep(2)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-        for session in _ray_sessions() - before:
-            _kill_session_leftovers(session)
-    killed_at = sweep_status(spec)
-    assert killed_at[0].complete < BUDGET or killed_at[1].complete < BUDGET  # it really died mid-sweep
-    storage = optuna.storages.RDBStorage(spec.tracking.optuna_storage_url())
-    done_before = [
-        t.params["lr"]
-        for t in optuna.load_study(study_name="resume/lora", storage=storage).trials
-        if t.state == optuna.trial.TrialState.COMPLETE
-    ]
+    client = MlflowClient(tracking_uri=spec.tracking.mlflow_tracking_uri())
+    rng = random.Random(20261124)
+    log = tmp_path / "driver.log"
+    kept: dict[str, dict[str, float]] = {}  # finished trial runs seen after each kill
+    kills = 0
+    for i, (_, min_done, (lo, hi)) in enumerate(KILLS):
+        command = [CLI, "run" if i == 0 else "resume", str(spec_path)]
+        if not _run_until_killed(command, log, spec, min_done, rng.uniform(lo, hi)):
+            break  # it finished before this kill point
+        kills += 1
+        exp = client.get_experiment_by_name("resume")
+        if exp is not None:
+            kept |= _finished_trial_runs(client, exp.experiment_id)
+    assert kills >= 2, log.read_text()[-3000:]  # it really died mid-sweep, more than once
 
     resumed = subprocess.run(
         [CLI, "resume", str(spec_path)], capture_output=True, text=True, timeout=600, start_new_session=True
     )
-    for session in _ray_sessions() - before:
-        _kill_session_leftovers(session)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming sweep run" in resumed.stdout
 
+    storage = optuna.storages.RDBStorage(spec.tracking.optuna_storage_url())
     for method in ("lora", "dora"):
         trials = optuna.load_study(study_name=f"resume/{method}", storage=storage).trials
         complete = [t.params["lr"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         # (a trial killed between Optuna's ask and its suggestions has no params: nothing to re-run)
         others = [t.params["lr"] for t in trials if t.state != optuna.trial.TrialState.COMPLETE and t.params]
-        assert len(complete) == BUDGET, method
+        assert len(complete) == BUDGET, method  # the budget is met, not exceeded
         assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials), method
         assert len(set(complete)) == len(complete)  # no configuration ran twice to completion
         assert set(others) <= set(complete)  # a killed trial's configuration is re-run: its work was lost
-    lora = optuna.load_study(study_name="resume/lora", storage=storage).trials
-    finished = [t.params["lr"] for t in lora if t.state == optuna.trial.TrialState.COMPLETE]
-    assert all(
-        finished.count(lr) == 1 for lr in done_before
-    )  # what finished before the kill is kept, not redone
-    client = MlflowClient(tracking_uri=spec.tracking.mlflow_tracking_uri())
     exp = client.get_experiment_by_name("resume").experiment_id
+    final = _finished_trial_runs(client, exp)
+    # Every trial that had finished at any kill is still there, with the same results: nothing redone.
+    assert {run: final.get(run) for run in kept} == kept
     assert client.search_runs([exp], filter_string="attributes.status = 'RUNNING'") == []
     sweeps = client.search_runs([exp], filter_string="tags.`peftsweep.level` = 'sweep'")
     assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"  # the same sweep run, continued
-    assert client.get_model_version_by_alias("resume", "champion") is not None
+    # The champion is the best finished trial of the whole sweep, whichever driver ran it.
+    champion = client.get_model_version_by_alias("resume", "champion")
+    metric = spec.search.metric
+    best = max(v[metric] for v in final.values() if metric in v)
+    assert final[champion.run_id][metric] == best
 
 
 def test_reconcile_fails_killed_trials_and_reruns_only_complete_configurations(tmp_path: Path) -> None:
