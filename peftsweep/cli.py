@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from peftsweep.cluster.templates import Kind
 from peftsweep.spec import SpecError, SweepSpec, load_spec
@@ -47,16 +48,27 @@ def run(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster to join ('auto', 'ray://host:10001'); default: embedded")
     ] = None,
+    nightly: Annotated[
+        bool,
+        typer.Option(
+            "--nightly",
+            help="A scheduled run (`peftsweep schedule`): continue the studies, tag peftsweep.nightly=<date>",
+        ),
+    ] = False,
 ) -> None:
     """Run a sweep: one Optuna study per method searched by Ray Tune, each trial a Ray Train job."""
     spec = _load(spec_path)
+    from peftsweep.orchestrator.lock import SweepLocked
     from peftsweep.orchestrator.sweep import run_sweep
 
     try:
-        result = run_sweep(spec, address=address, console=console)
+        result = run_sweep(spec, address=address, console=console, nightly=nightly)
     except SpecError as exc:
         err.print(f"[red]{exc}[/]", highlight=False)
         raise typer.Exit(2) from None
+    except SweepLocked as exc:
+        err.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+        raise typer.Exit(3) from None
     if result.champion is None:
         raise typer.Exit(1)
 
@@ -68,6 +80,7 @@ def resume(
 ) -> None:
     """Continue a sweep whose driver died: finished trials are kept, the rest of each budget runs."""
     spec = _load(spec_path)
+    from peftsweep.orchestrator.lock import SweepLocked
     from peftsweep.orchestrator.sweep import run_sweep
 
     try:
@@ -75,6 +88,9 @@ def resume(
     except SpecError as exc:
         err.print(f"[red]{exc}[/]", highlight=False)
         raise typer.Exit(2) from None
+    except SweepLocked as exc:
+        err.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+        raise typer.Exit(3) from None
     if result.champion is None:
         raise typer.Exit(1)
 
@@ -207,6 +223,29 @@ def status(spec_path: SpecArg) -> None:
             ", ".join(_param(k, v) for k, v in row.best_params.items()) or "-",
         )
     console.print(table)
+
+
+@app.command()
+def unlock(
+    spec_path: SpecArg,
+    force: Annotated[bool, typer.Option("--force", help="Delete without asking")] = False,
+) -> None:
+    """Clear the sweep's lock left by a run that is gone (a live run's lock keeps a second driver out)."""
+    spec = _load(spec_path)
+    from peftsweep.orchestrator.lock import delete_lock, read_lock
+
+    no_store = spec.tracking.optuna_storage is None and not (spec.tracking.root / "optuna.db").is_file()
+    holder = None if no_store else read_lock(spec)
+    if holder is None:
+        typer.echo(f"sweep {spec.name!r} is not locked")
+        return
+    typer.echo(f"sweep {spec.name!r} is locked by {holder.describe()}")
+    if not force and not typer.confirm("Delete the lock? Only if that run is gone"):
+        raise typer.Exit(1)
+    if not delete_lock(spec, holder.token):
+        err.print("the lock changed meanwhile (released, or taken by another run): nothing deleted")
+        raise typer.Exit(1)
+    typer.echo(f"deleted the lock of sweep {spec.name!r}")
 
 
 def _param(key: str, value: object) -> str:

@@ -300,6 +300,10 @@ class TrackingSpec(_Strict):
     mlflow_uri: str | None = None  # None: sqlite:///<root>/mlflow.db (embedded, single writer: the driver)
     registry_name: str | None = None  # None: the sweep name
     optuna_storage: str | None = None  # None: sqlite:///<root>/optuna.db (one study per method)
+    # The sweep's lock (one run at a time, orchestrator/lock.py) is stale after this long without a
+    # heartbeat from its holder, which beats every minute: an hour of silence means its driver is gone (a
+    # killed pod, a lost machine) where its pid cannot be checked. On the same host a dead pid breaks it.
+    lock_max_age_s: PositiveFloat = 3600.0
 
     @field_validator("mlflow_uri", "optuna_storage")
     @classmethod

@@ -91,3 +91,12 @@ def test_methods_lists_every_method_and_whether_it_runs_here() -> None:
             assert "no: needs CUDA" in row
         else:
             assert "yes" in row
+
+
+def test_run_help_offers_nightly_and_unlock_exists() -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "--nightly" in result.output and "peftsweep.nightly" in result.output
+    unlock = runner.invoke(app, ["unlock", "--help"], env={"COLUMNS": "160"})
+    assert unlock.exit_code == 0 and "--force" in unlock.output

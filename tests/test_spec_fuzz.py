@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,25 @@ FieldPath = tuple[str | int, ...]  # e.g. ("methods", 0, "lr_min"); () is the wh
 
 
 # ----------------------------------------------------------------------------------------- valid bases
+
+
+RAY_STARTS: list[tuple] = []  # every ray.init call made while this module's tests run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _spy_on_ray_init() -> Iterator[None]:
+    """Bad input must fail before any cluster work: record (and refuse) any ray.init. A spy, not
+    ``ray.is_initialized()``: other modules' tests share one Ray session, so Ray may already be up."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        RAY_STARTS.append((args, kwargs))
+        raise AssertionError("ray.init called during a spec or input check")
+
+    real, ray.init = ray.init, refuse
+    try:
+        yield
+    finally:
+        ray.init = real
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +290,7 @@ def test_mutated_specs_are_valid_or_a_spec_error_naming_the_field(
             assert "a sweep spec must be a mapping" in message, message
         else:
             assert names_field(message, path), f"{path}: {message}"
-    assert not ray.is_initialized()
+    assert not RAY_STARTS
 
 
 def test_every_field_with_every_edge_value_is_valid_or_named(
@@ -284,7 +304,7 @@ def test_every_field_with_every_edge_value_is_valid_or_named(
             if isinstance(result, SpecError) and not names_field(str(result), path):
                 unnamed.append(f"{path} = {show(value)}: {result}")
     assert not unnamed, "\n".join(unnamed)
-    assert not ray.is_initialized()
+    assert not RAY_STARTS
 
 
 @st.composite
@@ -324,7 +344,7 @@ def test_corrupted_yaml_files_load_or_fail_with_a_spec_error_naming_the_file(
             check_inputs(spec)
         except SpecError as exc:
             assert re.match(r"[a-z_]+(\.\w+)*: ", str(exc)), str(exc)  # a field path leads the message
-    assert not ray.is_initialized()
+    assert not RAY_STARTS
 
 
 # ----------------------------------------------------------------------------------------- what it found
@@ -382,7 +402,7 @@ def test_inputs_that_used_to_pass_or_crash_fail_the_check(
     with pytest.raises(SpecError) as info:
         check_inputs(spec)
     assert expected in str(info.value)
-    assert not ray.is_initialized()
+    assert not RAY_STARTS
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -436,20 +437,52 @@ def _confirm_method(
 
 
 def run_sweep(
-    spec: SweepSpec, *, address: str | None = None, console: Console | None = None, resume: bool = False
+    spec: SweepSpec,
+    *,
+    address: str | None = None,
+    console: Console | None = None,
+    resume: bool = False,
+    nightly: bool = False,
 ) -> SweepResult:
     """Run the whole sweep; nothing starts when the spec's inputs are bad.
 
     ``resume``: continue the latest run of this spec after its driver died — finished trials count against
     each method's budget and are not re-run; trials it left RUNNING are settled in Optuna and MLflow.
+
+    ``nightly`` (`peftsweep schedule`'s runs): a new sweep run tagged ``peftsweep.nightly=<UTC date>``. It
+    needs nothing else: OptunaSearch opens each method's study with ``load_if_exists=True``
+    (`_search_method`), so every night adds ``trials_per_method`` new trials to the same studies and TPE is
+    warm-started from all earlier nights' trials; the champion changes only through the promotion gate.
+
+    Every run, resumes included, holds the sweep's lock (`lock.sweep_lock`), taken once the inputs are
+    checked and before any Ray work: a second driver on the same studies would corrupt them.
     """
-    from peftsweep.orchestrator.progress import SweepProgress
-    from peftsweep.orchestrator.tracking import SweepTracker, TrialRecorder
+    from rich.markup import escape
+
+    from peftsweep.orchestrator.lock import sweep_lock
+    from peftsweep.orchestrator.tracking import NIGHTLY_TAG
 
     console = console or Console()
     t0 = time.monotonic()
     check_inputs(spec)
     spec.tracking.root.mkdir(parents=True, exist_ok=True)
+    tags = {NIGHTLY_TAG: datetime.now(UTC).date().isoformat()} if nightly else None
+    with sweep_lock(spec, warn=lambda line: console.print(f"[yellow]{escape(line)}[/]", highlight=False)):
+        return _run_locked(spec, address, console, resume, tags, t0)
+
+
+def _run_locked(
+    spec: SweepSpec,
+    address: str | None,
+    console: Console,
+    resume: bool,
+    tags: dict[str, str] | None,
+    t0: float,
+) -> SweepResult:
+    """`run_sweep` under the sweep's lock."""
+    from peftsweep.orchestrator.progress import SweepProgress
+    from peftsweep.orchestrator.tracking import SweepTracker, TrialRecorder
+
     data_dir = _prepare(spec, console)
     console.print(
         f"[bold]peftsweep[/] {spec.name}: {len(spec.methods)} method(s) × "
@@ -460,7 +493,8 @@ def run_sweep(
     curvature: dict[str, float] = {}
     try:
         _check_resources(spec)
-        tracker = SweepTracker(spec, resume=resume)
+        tracker = SweepTracker(spec, resume=resume, tags=tags)
+        tracker.log_data(data_dir)
         if resume:
             console.print(
                 f"resuming sweep run {tracker.sweep_run_id}: {len(tracker.trials)} finished trial(s) kept, "

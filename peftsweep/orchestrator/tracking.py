@@ -34,6 +34,7 @@ FAILURE_TAG = "peftsweep.failure"  # why a failed trial failed, in one line (the
 CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"  # a new best that did not pass the promotion gate
 PROMOTION_TAG = "peftsweep.promotion"  # the gate's reason, on the sweep run and the new version
+NIGHTLY_TAG = "peftsweep.nightly"  # the UTC date (YYYY-MM-DD) of a `run --nightly` sweep run
 ADAPTER_ARTIFACT = "adapter"
 # What every trial reports besides its format's task metrics (trainables.loop); logged when present.
 TRIAL_METRICS = (
@@ -108,8 +109,9 @@ def _finite(value: Any) -> bool:
 class SweepTracker:
     """Opens the sweep's MLflow experiment and parent run, and one child run per method."""
 
-    def __init__(self, spec: SweepSpec, resume: bool = False) -> None:
-        """A new sweep run; with ``resume``, the latest sweep run of this spec reopened (see `_reload`)."""
+    def __init__(self, spec: SweepSpec, resume: bool = False, tags: dict[str, str] | None = None) -> None:
+        """A new sweep run (with extra ``tags``); with ``resume``, the latest sweep run of this spec reopened
+        (see `_reload`)."""
         self.spec = spec
         self.client = RedactingClient(tracking_uri=spec.tracking.mlflow_tracking_uri())
         self.experiment_id = self._experiment()
@@ -124,9 +126,37 @@ class SweepTracker:
         self.sweep_run_id = self.client.create_run(
             self.experiment_id,
             run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags={LEVEL_TAG: "sweep"},
+            tags={LEVEL_TAG: "sweep", **(tags or {})},
         ).info.run_id
         self.client.log_dict(self.sweep_run_id, spec.model_dump(mode="json"), "spec.json")
+
+    def log_data(self, data_dir: Path) -> None:
+        """The data version as an MLflow dataset input of the sweep run: name the task, digest the prepared
+        data's fingerprint (its cache directory is ``cache/data-<digest>``; any changed file byte, data
+        section or tokenizer changes it), so runs on other data show another digest. Idempotent (resume)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        from peftsweep.trainables.data import BUILTIN_PREFIX
+        from peftsweep.trainables.formats import HF_PREFIX
+
+        task = self.spec.data.task
+        if task.startswith(HF_PREFIX):
+            source_type, source = "hugging_face", task.removeprefix(HF_PREFIX)
+        elif task.startswith(BUILTIN_PREFIX):
+            source_type, source = "builtin", task
+        else:
+            source_type, source = "local", str(Path(task).expanduser().resolve())
+        done = data_dir / "DONE"  # rows per part, written by prepare_data
+        dataset = Dataset(
+            name=self.client.redactor.text(task)[:500],  # MLflow's limit on dataset names
+            digest=data_dir.name.removeprefix("data-"),
+            source_type=source_type,
+            source=self.client.redactor.text(source),
+            profile=done.read_text() if done.is_file() else None,
+        )
+        context = InputTag(MLFLOW_DATASET_CONTEXT, "training")
+        self.client.log_inputs(self.sweep_run_id, datasets=[DatasetInput(dataset, tags=[context])])
 
     def _children(self, parent: str, level: str) -> list[Any]:
         return self.client.search_runs(

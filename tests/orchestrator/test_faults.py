@@ -145,7 +145,8 @@ def test_finished_trials_keep_only_their_best_k_adapters_on_disk(drill: dict[str
     for run in drill["runs"]:
         if run.data.tags[OUTCOME_TAG] != "completed":
             continue
-        checkpoints = list((train / f"train-{run.data.tags['peftsweep.trial_id']}").glob("checkpoint_*"))
+        run_dir = train / f"train-{run.data.tags['peftsweep.trial_id']}"
+        checkpoints = [c for c in run_dir.glob("checkpoint_*") if c.is_dir()]
         assert 1 <= len(checkpoints) <= spec.training.keep_checkpoints + 1  # best k + the latest
         assert all((c / "adapter_model.safetensors").is_file() for c in checkpoints)
     assert "disk: " in drill["output"] and "adapters (MLflow)" in drill["output"]

@@ -155,3 +155,53 @@ def test_best_command_prints_the_champion(sweep: dict[str, Any]) -> None:
     assert result.exit_code == 0, result.output
     assert "models:/e2e@champion" in result.output
     assert any(f"method: {m}" in result.output for m in METHODS)
+
+
+@pytest.mark.slow
+def test_a_second_night_continues_the_studies(sweep: dict[str, Any]) -> None:
+    """`run --nightly` of the same spec: TRIALS more trials in each method's study (TPE warm from the first
+    night's), those kept as they were, a second sweep run tagged with the UTC date on the same data version,
+    the champion changed only through the gate, the lock released. It runs the module's sweep again, so it
+    must stay the last test here (the ones above count one sweep run and TRIALS trials per study)."""
+    from datetime import UTC, datetime
+
+    from peftsweep.orchestrator.lock import read_lock
+
+    client, spec = sweep["client"], sweep["spec"]
+    storage = spec.tracking.optuna_storage_url()
+
+    def studies() -> dict[str, list[tuple]]:
+        return {
+            m: [
+                (t.number, t.params, t.value, t.state)
+                for t in optuna.load_study(study_name=f"{spec.name}/{m}", storage=storage).trials
+            ]
+            for m in METHODS
+        }
+
+    before = studies()
+    days = {datetime.now(UTC).date().isoformat()}
+    result = CliRunner().invoke(app, ["run", "--nightly", str(sweep["spec_path"])])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    days.add(datetime.now(UTC).date().isoformat())  # the night may cross midnight UTC
+
+    for method, trials in studies().items():
+        assert len(before[method]) == TRIALS
+        assert len(trials) == 2 * TRIALS  # confirm runs have no searcher: Optuna never sees them
+        assert trials[:TRIALS] == before[method]  # the first night's trials, unchanged
+
+    sweeps = sorted(
+        (r for r in _runs(client, spec) if r.data.tags["peftsweep.level"] == "sweep"),
+        key=lambda r: r.info.start_time,
+    )
+    assert len(sweeps) == 2
+    first, night = sweeps
+    assert "peftsweep.nightly" not in first.data.tags
+    assert night.data.tags["peftsweep.nightly"] in days and night.info.status == "FINISHED"
+    assert "peftsweep.promotion" in night.data.tags  # the gate ran on the night's best
+    inputs = [client.get_run(r.info.run_id).inputs.dataset_inputs for r in sweeps]
+    (a,), (b,) = inputs
+    assert a.dataset.name == b.dataset.name == spec.data.task
+    assert a.dataset.digest == b.dataset.digest  # same files, spec and tokenizer: same data version
+    assert client.get_model_version_by_alias(spec.name, "champion") is not None
+    assert read_lock(spec) is None
