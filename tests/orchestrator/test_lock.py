@@ -120,15 +120,23 @@ def test_unlock_force_deletes_the_lock(spec: SweepSpec, spec_path: Path) -> None
     assert again.exit_code == 0 and "is not locked" in again.output
 
 
-def test_run_refuses_while_the_sweep_is_locked_before_any_ray_work(spec: SweepSpec, spec_path: Path) -> None:
+def test_run_refuses_while_the_sweep_is_locked_before_any_ray_work(
+    spec: SweepSpec, spec_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import ray
 
+    from peftsweep import cluster
+
+    # Spies, not ray.is_initialized(): other modules' tests share one Ray session, so Ray may be up already.
+    joined: list[object] = []
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: joined.append(a))
+    monkeypatch.setattr(ray, "init", lambda *a, **k: joined.append(a))
     _plant(spec, "elsewhere", 42, datetime.now(UTC))
     result = CliRunner().invoke(app, ["run", str(spec_path), "--nightly"])
     assert result.exit_code == 3, result.output + repr(result.exception)
     assert "locked by another run: pid 42 on elsewhere" in result.output
     assert "peftsweep unlock" in result.output
-    assert not ray.is_initialized()
+    assert joined == []
     assert lock.read_lock(spec) is not None  # the refused run leaves the holder's lock alone
 
 
