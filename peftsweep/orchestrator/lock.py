@@ -70,7 +70,9 @@ def _storage(spec: SweepSpec) -> RDBStorage:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line per run
-    return optuna.storages.RDBStorage(spec.tracking.optuna_storage_url())
+    from peftsweep.orchestrator.status import open_storage
+
+    return open_storage(spec.tracking.optuna_storage_url())
 
 
 def _find(storage: RDBStorage, name: str) -> tuple[int, Holder] | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from peftsweep.orchestrator.status import open_storage
 from peftsweep.orchestrator.tracking import LEVEL_TAG, METHOD_TAG, OUTCOME_TAG, ROLE_TAG
 from peftsweep.spec import ResourcesSpec, SweepSpec
 
@@ -267,7 +268,7 @@ def param_importances(spec: SweepSpec, method: str) -> dict[str, float] | str:
         # Opening a missing default sqlite store would create it: a report must not write the sweep's store.
         if spec.tracking.optuna_storage is None and not (spec.tracking.root / "optuna.db").is_file():
             return "n/a (no Optuna store)"
-        storage = optuna.storages.RDBStorage(url)
+        storage = open_storage(url)
         name = f"{spec.name}/{method}"
         if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
             return "n/a (no Optuna study)"

@@ -6,9 +6,38 @@ it needs no Ray and no MLflow, and it is what a resumed sweep continues from.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from peftsweep.spec import SweepSpec
+
+if TYPE_CHECKING:
+    from optuna.storages import RDBStorage
+
+# Opening a database that another process is creating at that moment fails in the schema setup; by the next
+# try the schema exists.
+_OPEN_ATTEMPTS = 5
+
+
+def open_storage(url: str) -> RDBStorage:
+    """The sweep's Optuna storage, robust to a race on a brand-new database.
+
+    Optuna creates its schema when it first opens a database; two processes doing so at once (a sweep
+    starting while `peftsweep status` or a dashboard polls it) make the loser fail with an IntegrityError or
+    a locked database. The loser opens the now-created database again instead of dying.
+    """
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(1, _OPEN_ATTEMPTS + 1):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (IntegrityError, OperationalError):
+            if attempt == _OPEN_ATTEMPTS:
+                raise
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -34,7 +63,7 @@ def sweep_status(spec: SweepSpec) -> list[MethodStatus]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(spec.tracking.optuna_storage_url())
+    storage = open_storage(spec.tracking.optuna_storage_url())
     existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     out = []
     for m in spec.methods:

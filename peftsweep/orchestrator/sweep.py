@@ -19,6 +19,7 @@ from rich.table import Table
 
 from peftsweep import cluster, search_spaces
 from peftsweep.orchestrator.priors import search_order
+from peftsweep.orchestrator.status import open_storage
 from peftsweep.spec import MethodSpec, SpecError, SweepSpec
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ def reconcile_study(spec: SweepSpec, method: str, tracker: SweepTracker) -> tupl
     """
     import optuna
 
-    storage = optuna.storages.RDBStorage(spec.tracking.optuna_storage_url())
+    storage = open_storage(spec.tracking.optuna_storage_url())
     name = f"{spec.name}/{method}"
     if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
         return 0, []
@@ -233,7 +234,7 @@ def _search_method(
                 seed=search.seed, n_startup_trials=n_startup, constant_liar=True
             ),
             study_name=f"{spec.name}/{method}",
-            storage=optuna.storages.RDBStorage(spec.tracking.optuna_storage_url()),
+            storage=open_storage(spec.tracking.optuna_storage_url()),
             points_to_evaluate=points or None,
         ),
         n_startup_trials=n_startup,

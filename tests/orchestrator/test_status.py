@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -47,3 +48,25 @@ def test_status_of_a_sweep_that_never_ran_says_so(tmp_path: Path) -> None:
     )
     result = CliRunner().invoke(app, ["status", str(path)])
     assert result.exit_code == 1 and "no sweep store" in result.output
+
+
+def test_opening_a_store_that_another_process_is_creating_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loser of the schema-creation race (a sweep starting while `status` polls) opens it again."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError
+
+    from peftsweep.orchestrator import status
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url: str) -> object:
+        calls.append(url)
+        if len(calls) == 1:
+            raise IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+        return real(url)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    storage = status.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(calls) == 2 and storage.get_all_studies() == []
