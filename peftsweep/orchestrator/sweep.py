@@ -206,8 +206,13 @@ def _search_method(
     deadline: float | None = None,
     lr_range: tuple[float, float] | None = None,  # a prior's range instead of the spec's
     points: list[dict] | None = None,  # configurations to try first (Optuna enqueue_trial)
+    trainable: Any | None = None,  # a Tune trainable instead of `_trial_trainable` (bench/ replays a table)
 ) -> None:
-    """One Optuna study (RDB storage) per method, searched by Ray Tune with ASHA among this method only."""
+    """One Optuna study (RDB storage) per method, searched by Ray Tune with ASHA among this method only.
+
+    ``trainable`` lets benchmarks drive this exact searcher + scheduler with a trainable that reads learning
+    curves from a table instead of training; None trains for real.
+    """
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing; we show progress
     import optuna
     from ray import tune
@@ -254,7 +259,7 @@ def _search_method(
         else FIFOScheduler()
     )
     tuner = tune.Tuner(
-        _trial_trainable(spec, method, data_dir),
+        trainable if trainable is not None else _trial_trainable(spec, method, data_dir),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
