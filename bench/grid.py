@@ -38,7 +38,7 @@ CURVE_KEYS = ("step", "exact_match", "eval_loss", "train_loss", "diverged")
 
 
 def log_grid(lr_min: float, lr_max: float, n: int) -> list[float]:
-    """`n` LRs log-spaced from lr_min to lr_max inclusive, rounded to 3 significant digits (stable JSON keys)."""
+    """`n` LRs log-spaced from lr_min to lr_max inclusive, to 3 significant digits (stable keys)."""
     ratio = math.log10(lr_max / lr_min) / (n - 1)
     return [float(f"{lr_min * 10 ** (i * ratio):.3g}") for i in range(n)]
 
@@ -105,8 +105,12 @@ def main() -> None:
     parser.add_argument("--n-lrs", type=int, default=12, help="the paper's 12-point density")
     parser.add_argument("--eval-every", type=int, default=EVAL_EVERY)
     parser.add_argument("--out", type=Path, default=RESULTS / "grid.jsonl")
-    parser.add_argument("--root", type=Path, default=HERE.parent / "peftsweep-runs" / "bench-grid", help="data cache")
-    parser.add_argument("--summary-only", action="store_true", help="print the table from --out, train nothing")
+    parser.add_argument(
+        "--root", type=Path, default=HERE.parent / "peftsweep-runs" / "bench-grid", help="data cache"
+    )
+    parser.add_argument(
+        "--summary-only", action="store_true", help="print the table from --out, train nothing"
+    )
     args = parser.parse_args()
 
     console = Console(width=180)
@@ -161,7 +165,9 @@ def main() -> None:
         table.add_column(f"{lr:.2g}", justify="right")
     for method, s in summary.items():
         for rank in args.ranks:
-            table.add_row(method, str(rank), *[f"{s['means'].get(f'{rank}/{lr:g}', math.nan):.2f}" for lr in lrs])
+            table.add_row(
+                method, str(rank), *[f"{s['means'].get(f'{rank}/{lr:g}', math.nan):.2f}" for lr in lrs]
+            )
     console.print(table)
     best = Table(title="optimum per method (mean over seeds) and seed noise (median std across seeds)")
     for col in ("method", "best rank", "best lr", METRIC, "std at best", "seed noise"):

@@ -1,0 +1,212 @@
+"""Training throughput of one trial inside Ray Train + DeepSpeed vs a bare PyTorch loop (a benchmark).
+
+Three arms train the same model (the built-in tiny-arith + LoRA), batch, LR schedule, gradient clipping and
+thread count, on the sweep's prepared data:
+
+  bare       a plain PyTorch loop (torch AdamW, clip_grad_norm_, the same cosine schedule), in this process
+  deepspeed  the real per-worker loop `run_trial` (DeepSpeed engine) in this process, no Ray
+  ray        the same loop as a Ray Train `TorchTrainer` job (`train_loop_per_worker`), as a sweep runs it
+
+Tokens/s is the loop's own measure (`tokens_per_s`: non-padding tokens over the summed time of the training
+steps, from moving the batch to the device to the optimizer step; data loading and evals excluded); the bare
+loop is timed the same way. One eval at the end, so training is not interrupted. The arms run in rounds,
+order rotated each round, so load drift on a shared machine hits all alike; the ratio is of medians.
+Writes bench/results/throughput.json.
+
+    nice -n 19 .venv/bin/python bench/throughput.py [--rounds 3] [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the thread count one trial gets (cpus_per_worker 0.95 → 1)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from grid import RESULTS, grid_spec  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from peftsweep.spec import SweepSpec  # noqa: E402
+
+ARMS = ["bare", "deepspeed", "ray"]
+METHOD, RANK, LR, SEED = "lora", 8, 1e-2, 0  # near LoRA's optimum on the built-in task: a typical trial
+TARGET = 0.95  # issue 8: Ray Train + DeepSpeed keeps ≥ 95 % of the bare loop's tokens/s
+
+
+def bench_spec(steps: int, root: Path) -> SweepSpec:
+    """The grid's spec (quickstart, no forgetting data) training ``steps`` steps with one eval, at the end."""
+    raw = grid_spec(root=root).model_dump(mode="json")
+    raw["training"] |= {"max_steps": steps, "eval_every": steps}
+    return SweepSpec.model_validate(raw)
+
+
+def bare(spec: SweepSpec, data_dir: Path) -> float:
+    """Tokens/s of a plain PyTorch loop with the trial's model, batch, schedule, clipping and threads."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+    from peftsweep import search_spaces
+    from peftsweep.trainables.data import collate
+    from peftsweep.trainables.loop import resolve_base_model
+    from peftsweep.trainables.prepared import load_prepared
+
+    tr, mspec = spec.training, spec.method(METHOD)
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))  # as the loop does
+    torch.manual_seed(SEED)
+    base = resolve_base_model(spec.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    hparams = search_spaces.AdapterHParams(
+        rank=RANK, alpha=RANK * mspec.alpha_over_rank, dropout=mspec.dropout,
+        target_modules=mspec.target_modules, options=mspec.options, total_steps=tr.max_steps,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as workdir:
+        model = search_spaces.get_method(METHOD).apply(model, hparams, Path(workdir))
+    data = load_prepared(data_dir)
+    loader = DataLoader(
+        data.train,
+        batch_size=tr.batch_size,
+        shuffle=True,
+        collate_fn=lambda feats: collate(feats, tokenizer.pad_token_id),
+        drop_last=True,
+        generator=torch.Generator().manual_seed(SEED),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=tr.weight_decay)
+    scheduler = get_scheduler(
+        tr.schedule, optimizer, num_warmup_steps=math.ceil(tr.warmup_ratio * tr.max_steps),
+        num_training_steps=tr.max_steps,
+    )  # fmt: skip
+    model.train()
+    step, tokens, seconds = 0, 0, 0.0
+    while step < tr.max_steps:
+        for batch in loader:
+            tick = time.perf_counter()
+            tokens += int(batch["attention_mask"].sum())
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds += time.perf_counter() - tick
+            step += 1
+            if step >= tr.max_steps:
+                break
+    return tokens / seconds
+
+
+def deepspeed(spec: SweepSpec, data_dir: Path) -> float:
+    """Tokens/s of the real per-worker loop (DeepSpeed engine) without Ray."""
+    from peftsweep.trainables.loop import init_standalone, run_trial
+
+    init_standalone()
+    reports: list[dict[str, Any]] = []
+    run_trial(spec, METHOD, LR, RANK, SEED, lambda m, _d: reports.append(m), data_dir=data_dir)
+    return float(reports[-1]["tokens_per_s"])
+
+
+def ray_train(spec: SweepSpec, data_dir: Path) -> float:
+    """Tokens/s of the same loop as a Ray Train job, built like `orchestrator.trial.tune_trial` builds it."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from peftsweep.trainables.loop import train_loop_per_worker
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "method": METHOD,
+            "lr": LR,
+            "rank": RANK,
+            "seed": SEED,
+            "data_dir": str(data_dir),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1, resources_per_worker={"CPU": spec.resources.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"throughput-{time.time_ns()}", storage_path=str(spec.tracking.ray_storage / "train")
+        ),
+    )
+    return float(trainer.fit().metrics["tokens_per_s"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="each arm once per round, order rotated")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per measurement")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "peftsweep-runs" / "bench-throughput",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
+    args = parser.parse_args()
+    console = Console(width=160)
+
+    from peftsweep import cluster
+    from peftsweep.trainables.prepared import prepare_data
+
+    spec = bench_spec(args.steps, args.root.resolve())
+    data_dir = prepare_data(spec)
+    started = cluster.connect()  # embedded Ray with its dashboard, as `peftsweep run` starts it
+    arms = {"bare": bare, "deepspeed": deepspeed, "ray": ray_train}
+    samples: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    try:
+        for rnd in range(args.rounds):
+            for arm in ARMS[rnd % len(ARMS) :] + ARMS[: rnd % len(ARMS)]:
+                samples[arm].append(arms[arm](spec, data_dir))
+                console.print(f"round {rnd} {arm:>9}: {samples[arm][-1]:,.0f} tokens/s")
+    finally:
+        if started:
+            cluster.disconnect()
+
+    med = {arm: statistics.median(v) for arm, v in samples.items()}
+    table = Table(title=f"training tokens/s, {METHOD} r={RANK}, batch {spec.training.batch_size}, 1 thread")
+    for col in ("arm", "median tokens/s", "samples", "vs bare", "vs deepspeed"):
+        table.add_column(col, justify="right")
+    for arm in ARMS:
+        table.add_row(
+            arm, f"{med[arm]:,.0f}", " ".join(f"{v:,.0f}" for v in samples[arm]),
+            f"{med[arm] / med['bare']:.3f}", f"{med[arm] / med['deepspeed']:.3f}",
+        )  # fmt: skip
+    console.print(table)
+    ratio = med["ray"] / med["bare"]
+    console.print(f"ray / bare = {ratio:.3f} (target ≥ {TARGET}: {'met' if ratio >= TARGET else 'missed'})")
+    args.out.write_text(
+        json.dumps(
+            {
+                "method": METHOD,
+                "rank": RANK,
+                "batch_size": spec.training.batch_size,
+                "steps": args.steps,
+                "threads": max(1, int(spec.resources.cpus_per_worker)),
+                "zero_stage": spec.resources.zero_stage,
+                "samples": samples,
+                "median": med,
+                "ray_over_bare": ratio,
+                "ray_over_deepspeed": med["ray"] / med["deepspeed"],
+                "deepspeed_over_bare": med["deepspeed"] / med["bare"],
+                "target": TARGET,
+            },
+            indent=1,
+        )
+    )
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
