@@ -176,7 +176,6 @@ def wall(args: argparse.Namespace, console: Console, rnd: int) -> dict[str, Any]
 
 def memory(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     """Driver RSS over ``args.memory_trials`` trivial trials: searcher + scheduler + MLflow recorder."""
-    import psutil
     from ray import tune
 
     from peftsweep import cluster
@@ -189,30 +188,42 @@ def memory(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     raw = overhead_spec(150, args.memory_trials, work)
     raw["search"]["early_stopping"] = "asha"
     spec = SweepSpec.model_validate(raw)
-    me = psutil.Process()
-    samples: list[tuple[int, float]] = []
 
-    class Rss(tune.Callback):
+    class RssSampler(tune.Callback):
+        """The driver's RSS (MiB) before the first trial and every RSS_EVERY completed trials."""
+
         def __init__(self) -> None:
+            import psutil
+
+            self.process = psutil.Process()
+            self.samples: list[tuple[int, float]] = [(0, self.rss())]
             self.done = 0
+
+        def rss(self) -> float:
+            return self.process.memory_info().rss / 2**20
+
+        def __reduce__(self) -> tuple:
+            # Tune pickles its callbacks into the experiment state: a no-op copy there
+            return (tune.Callback, ())
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
             if self.done % RSS_EVERY == 0:
-                samples.append((self.done, me.memory_info().rss / 2**20))
+                self.samples.append((self.done, self.rss()))
 
     started = cluster.connect()
     try:
         tracker = SweepTracker(spec)
         tracker.start_method(METHOD)
-        samples.append((0, me.memory_info().rss / 2**20))
+        rss = RssSampler()
         trivial = tune.with_resources(_trivial_trial, {"cpu": spec.resources.trial_driver_cpus})
-        _search_method(spec, METHOD, [TrialRecorder(tracker, METHOD), Rss()], work, trainable=trivial)
+        _search_method(spec, METHOD, [TrialRecorder(tracker, METHOD), rss], work, trainable=trivial)
         tracker.finish_method(METHOD)
         tracker.finish_sweep("FINISHED")
     finally:
         if started:
             cluster.disconnect()
+    samples = rss.samples
     first = samples[1][1] if len(samples) > 1 else samples[0][1]
     console.print(
         f"driver RSS: {samples[0][1]:.0f} MiB before, {samples[-1][1]:.0f} MiB after {samples[-1][0]}"
