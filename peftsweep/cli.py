@@ -271,6 +271,9 @@ def ui(
         run_server(storage, host=host, port=port)
         return
     uri = spec.tracking.mlflow_tracking_uri()
+    if uri.startswith(("http://", "https://")):  # a tracking server (`peftsweep tracking serve`) is the UI
+        console.print(f"the sweep tracks to an MLflow server; its UI is {_shown(uri)}")
+        return
     console.print(f"MLflow UI for {_shown(uri)} on http://{host}:{port} (Ctrl-C to stop)")
     cmd = [
         sys.executable,
@@ -376,6 +379,150 @@ def schedule(
     typer.echo(f"scheduled sweep {spec.name!r} in {where}:")
     for line in entry.lines:
         typer.echo(f"  {line}")
+
+
+# ----------------------------------------------------------------------------------- Ray Jobs
+
+JobsAddress = Annotated[
+    str | None,
+    typer.Option(
+        help="The cluster's dashboard (Jobs API), e.g. http://HEAD:8265; default: $RAY_API_SERVER_ADDRESS "
+        "or $RAY_ADDRESS"
+    ),
+]
+JobArg = Annotated[str, typer.Argument(help="The job id `peftsweep submit` printed")]
+
+
+def _job_call(fn: object, *args: object, **kwargs: object) -> object:
+    """Run a Jobs API call; a refused connection or unknown job becomes one red line and exit 2."""
+    try:
+        return fn(*args, **kwargs)  # type: ignore[operator]
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        err.print(f"[red]{escape(str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc))}[/]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def submit(
+    spec_path: SpecArg,
+    address: JobsAddress = None,
+    nightly: Annotated[bool, typer.Option("--nightly", help="A nightly run (`run --nightly`)")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue a stopped or dead sweep (`peftsweep resume`)")
+    ] = False,
+    ship_package: Annotated[
+        bool,
+        typer.Option(help="Upload this install's peftsweep with the job (off: use the cluster's own)"),
+    ] = True,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(help="Pass this shell's variable to the job (repeatable), e.g. --env PGPASSWORD"),
+    ] = None,
+    job_id: Annotated[str | None, typer.Option(help="Job id; default: peftsweep-<name>-<time>")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends")] = False,
+) -> None:
+    """Send the sweep to a Ray cluster as a Ray Job; its driver runs on the head node."""
+    spec = _load(spec_path)
+    from peftsweep.cluster import jobs
+
+    job = _job_call(
+        jobs.submit,
+        spec,
+        address,
+        nightly=nightly,
+        resume=resume,
+        ship_package=ship_package,
+        env=env or (),
+        job_id=job_id,
+    )
+    typer.echo(f"submitted {job}")
+    if not follow:
+        typer.echo(f"  follow: peftsweep logs {job} --follow    stop: peftsweep stop {job}")
+        return
+    _finish_follow(address, str(job))
+
+
+def _finish_follow(address: str | None, job: str) -> None:
+    from peftsweep.cluster import jobs
+
+    status = str(_job_call(jobs.follow, address, job))
+    typer.echo(f"job {job}: {status}")
+    raise typer.Exit(jobs.EXIT_CODES.get(status, 1))
+
+
+@app.command()
+def logs(
+    job: JobArg,
+    address: JobsAddress = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Stream until the job ends; exit 0 if it succeeded")
+    ] = False,
+) -> None:
+    """Print a submitted sweep's logs (its driver's output)."""
+    from peftsweep.cluster import jobs
+
+    if follow:
+        _finish_follow(address, job)
+    client = _job_call(jobs.client, address)
+    typer.echo(_job_call(client.get_job_logs, job), nl=False)  # type: ignore[attr-defined]
+    typer.echo(f"job {job}: {_job_call(client.get_job_status, job).value}")  # type: ignore[attr-defined]
+
+
+@app.command()
+def stop(job: JobArg, address: JobsAddress = None) -> None:
+    """Stop a submitted sweep. Its finished trials are kept: `peftsweep submit SPEC --resume` continues."""
+    from peftsweep.cluster import jobs
+
+    client = _job_call(jobs.client, address)
+    stopped = _job_call(client.stop_job, job)  # type: ignore[attr-defined]
+    typer.echo(f"{'stopping' if stopped else 'already ended:'} {job}")
+
+
+# ----------------------------------------------------------------------------------- tracking server
+
+tracking_app = typer.Typer(help="The tracking server that many nodes and users share.", no_args_is_help=True)
+app.add_typer(tracking_app, name="tracking")
+
+
+@tracking_app.command("serve")
+def tracking_serve(
+    backend_store_uri: Annotated[
+        str, typer.Option(help="Runs and registry: postgresql://USER@HOST:5432/mlflow (its own database)")
+    ],
+    artifacts_destination: Annotated[
+        str, typer.Option(help="Where adapters are stored: a path every reader can reach, or s3://BUCKET/…")
+    ],
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 to serve the cluster")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the server (and of its UI)")] = 5000,
+    workers: Annotated[int, typer.Option(help="Server processes")] = 2,
+) -> None:
+    """Run an MLflow tracking server for many writers: a database backend, artifacts proxied by the server.
+
+    Point the spec at it with tracking.mlflow_uri: http://HOST:PORT, and tracking.optuna_storage at another
+    database on the same Postgres. Clients then need no access to the artifact store themselves.
+    """
+    if backend_store_uri.startswith("sqlite") or "://" not in backend_store_uri:
+        err.print("[red]--backend-store-uri: a shared server needs a database server (postgresql://…)[/]")
+        raise typer.Exit(2)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        artifacts_destination,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+    console.print(f"MLflow server for {_shown(backend_store_uri)} on http://{host}:{port} (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
 
 
 if __name__ == "__main__":

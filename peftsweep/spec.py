@@ -321,6 +321,18 @@ class TrackingSpec(_Strict):
             raise ValueError("an MLflow registered model name must not be blank or contain '/' or ':'")
         return value
 
+    @model_validator(mode="after")
+    def _stores_are_separate(self) -> TrackingSpec:
+        # MLflow and Optuna both keep their schema version in an `alembic_version` table: one database for
+        # both makes the second one's migration fail (or worse, skip) on first use, after Ray started.
+        if self.mlflow_uri and self.mlflow_uri == self.optuna_storage:
+            raise ValueError(
+                "tracking.mlflow_uri and tracking.optuna_storage are the same database; give each its own "
+                "(e.g. postgresql://HOST/mlflow and postgresql://HOST/optuna): both keep an alembic_version "
+                "table"
+            )
+        return self
+
     def mlflow_tracking_uri(self) -> str:
         return self.mlflow_uri or f"sqlite:///{self.root / 'mlflow.db'}"
 

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
+from pathlib import Path
+
+from peftsweep.spec import SpecError, SweepSpec
+
+# A pinned zero-CPU task starts within seconds on an idle node; a minute covers a busy or autoscaling one.
+SHARED_CHECK_TIMEOUT_S = 60.0
 
 
 def connect(address: str | None = None, *, show_worker_logs: bool = False) -> bool:
@@ -50,3 +57,80 @@ def cluster_resources() -> dict[str, float]:
     import ray
 
     return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+
+def trial_nodes() -> list[dict]:
+    """The alive nodes that can run a trial worker (CPU or GPU), as `ray.nodes()` rows."""
+    import ray
+
+    return [
+        n
+        for n in ray.nodes()
+        if n.get("Alive") and (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)
+    ]
+
+
+def check_multinode(spec: SweepSpec) -> int:
+    """Refuse, before any trial, what breaks once trials span nodes; return how many nodes can run them.
+
+    sqlite: Optuna advises an RDB server for distributed optimisation, sqlite on shared storage gives
+    'database is locked' and lost writes, and a head node's local disk dies with its pod. tracking.root:
+    workers read the prepared data and write checkpoints under it, and the driver reads their checkpoints,
+    so every node must mount it at the same path; a Ray task pinned to each node checks a marker file.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = trial_nodes()
+    if len(nodes) <= 1:
+        return len(nodes)
+    tracking = spec.tracking
+    sqlite = [
+        f"tracking.{field} ({'default ' if value is None else ''}{url})"
+        for field, value, url in (
+            ("mlflow_uri", tracking.mlflow_uri, tracking.mlflow_tracking_uri()),
+            ("optuna_storage", tracking.optuna_storage, tracking.optuna_storage_url()),
+        )
+        if url.startswith("sqlite")
+    ]
+    if sqlite:
+        raise SpecError(
+            f"trials would run on {len(nodes)} nodes but {' and '.join(sqlite)} is sqlite: sqlite cannot "
+            "serve a cluster ('database is locked', lost writes on shared storage, gone with the head node). "
+            "Use a database server: tracking.optuna_storage: postgresql://HOST/optuna and "
+            "tracking.mlflow_uri: http://HOST:5000 from `peftsweep tracking serve` (README: Run on a cluster)"
+        )
+    marker = tracking.root / f".shared-check-{uuid.uuid4().hex}"
+    marker.write_text(marker.name)
+
+    def sees(path: str, expected: str) -> bool:
+        try:
+            return Path(path).read_text() == expected
+        except OSError:
+            return False
+
+    try:
+        probe = ray.remote(num_cpus=0)(sees)
+        checks = {
+            n["NodeID"]: probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(marker), marker.name)
+            for n in nodes
+        }
+        blind = []
+        for n in nodes:
+            try:
+                seen = ray.get(checks[n["NodeID"]], timeout=SHARED_CHECK_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                seen = False
+            if not seen:
+                blind.append(f"{n['NodeID'][:12]} ({n['NodeManagerAddress']})")
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise SpecError(
+            f"tracking.root {tracking.root} is not visible on node(s) {', '.join(blind)}: trials there could "
+            "not read the prepared data nor write checkpoints. Put tracking.root on storage that every node "
+            "mounts at the same path (NFS, EFS, a ReadWriteMany volume)"
+        )
+    return len(nodes)

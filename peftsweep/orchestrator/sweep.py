@@ -499,6 +499,8 @@ def _run_locked(
     curvature: dict[str, float] = {}
     try:
         _check_resources(spec)
+        if (nodes := cluster.check_multinode(spec)) > 1:
+            console.print(f"cluster: trials run on {nodes} nodes; tracking.root is shared by all of them")
         tracker = SweepTracker(spec, resume=resume, tags=tags)
         tracker.log_data(data_dir)
         if resume:

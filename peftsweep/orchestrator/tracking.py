@@ -22,6 +22,7 @@ from ray.tune import Callback
 from peftsweep.orchestrator.redact import RedactingClient
 from peftsweep.orchestrator.trial import prune_finished
 from peftsweep.spec import SweepSpec
+from peftsweep.trainables.loop import HOST_KEY, NODE_KEY
 
 if TYPE_CHECKING:
     from peftsweep.orchestrator.promotion import GateDecision
@@ -34,6 +35,7 @@ FAILURE_TAG = "peftsweep.failure"  # why a failed trial failed, in one line (the
 CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"  # a new best that did not pass the promotion gate
 PROMOTION_TAG = "peftsweep.promotion"  # the gate's reason, on the sweep run and the new version
+NODE_TAG, HOST_TAG = "peftsweep.node_id", "peftsweep.host"  # where the trial's rank 0 trained (latest)
 NIGHTLY_TAG = "peftsweep.nightly"  # the UTC date (YYYY-MM-DD) of a `run --nightly` sweep run
 ADAPTER_ARTIFACT = "adapter"
 # What every trial reports besides its format's task metrics (trainables.loop); logged when present.
@@ -79,6 +81,7 @@ class TrialRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     has_adapter: bool = False
     failure: str = ""  # why it failed (status failed)
+    node: str = ""  # the Ray node id of its rank-0 worker (the latest, after a restart)
 
 
 SCORED = ("completed", "stopped_early", "diverged")  # outcomes whose last metric is a trial's result
@@ -286,7 +289,11 @@ class SweepTracker:
         now = int(time.time() * 1000)
         names = trial_metric_names(self.spec)
         metrics = [Metric(k, float(result[k]), now, step) for k in names if _finite(result.get(k))]
-        self.client.log_batch(record.run_id, metrics=metrics)
+        tags = []
+        if result.get(NODE_KEY) and result[NODE_KEY] != record.node:  # a first result, or a restart elsewhere
+            record.node = str(result[NODE_KEY])
+            tags = [RunTag(NODE_TAG, record.node), RunTag(HOST_TAG, str(result.get(HOST_KEY, "")))]
+        self.client.log_batch(record.run_id, metrics=metrics, tags=tags)
         record.metrics = {k: float(result[k]) for k in names if k in result}
         record.metrics["step"] = step
         if result.get("failure"):

@@ -16,6 +16,7 @@ import gc
 import json
 import math
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from peftsweep.trainables.faults import Fault
 # when there is nothing to checkpoint (a diverged trial).
 Reporter = Callable[[dict[str, Any], Path | None], None]
 
+NODE_KEY, HOST_KEY = "node_id", "host"  # reported with every result: the Ray node and host of rank 0
 TRAINER_STATE = "trainer_state"  # checkpoint subdirectory with the resume state; not part of the adapter
 # A torch JIT-extension build holds its lock file for seconds (DeepSpeed's shm op: ~30 s on first build); one
 # this old belongs to a killed process, and torch would wait on it forever.
@@ -510,11 +512,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fault = Fault(**config["fault"]) if config.get("fault") else None
     fault = fault if fault is not None and fault.armed() else None
 
+    # Where this worker runs, shown on the trial's MLflow run (rank 0's report is the one Tune sees).
+    where = {NODE_KEY: ray.get_runtime_context().get_node_id(), HOST_KEY: socket.gethostname()}
     with Watchdog(spec.resources.hang_timeout_s) as watchdog:
 
         def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
             ray.train.report(
-                metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
+                metrics | where,
+                checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None,
             )
             watchdog.beat()
             after_report(fault, int(metrics.get("step", -1)))
