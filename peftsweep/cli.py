@@ -495,6 +495,10 @@ def tracking_serve(
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 to serve the cluster")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the server (and of its UI)")] = 5000,
     workers: Annotated[int, typer.Option(help="Server processes")] = 2,
+    allowed_hosts: Annotated[
+        str | None,
+        typer.Option(help="Host headers to accept (MLflow's DNS-rebinding guard), e.g. 'mlflow.internal:*'"),
+    ] = None,
 ) -> None:
     """Run an MLflow tracking server for many writers: a database backend, artifacts proxied by the server.
 
@@ -520,7 +524,7 @@ def tracking_serve(
         str(port),
         "--workers",
         str(workers),
-    ]
+    ] + (["--allowed-hosts", allowed_hosts] if allowed_hosts else [])
     console.print(f"MLflow server for {_shown(backend_store_uri)} on http://{host}:{port} (Ctrl-C to stop)")
     raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
 

@@ -163,7 +163,20 @@ def test_images_default_to_the_installed_ray_and_follow_image(tmp_path: Path) ->
 
 def test_tracking_takes_the_postgres_password_from_a_secret_only(tmp_path: Path) -> None:
     docs = _render("tracking", _spec_file(tmp_path))
-    assert {d["kind"] for d in docs} == {"Service", "StatefulSet", "Deployment", "PersistentVolumeClaim"}
+    assert {d["kind"] for d in docs} == {
+        "Service",
+        "StatefulSet",
+        "Deployment",
+        "PersistentVolumeClaim",
+        "ConfigMap",
+    }
+    # Optuna's database is created next to MLflow's, from the init ConfigMap mounted into Postgres.
+    assert _one(docs, "ConfigMap")["data"] == {"optuna.sql": "CREATE DATABASE optuna;"}
+    postgres = _one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    assert {"name": "init", "mountPath": "/docker-entrypoint-initdb.d"} in postgres["containers"][0][
+        "volumeMounts"
+    ]
+    assert postgres["volumes"] == [{"name": "init", "configMap": {"name": "peftsweep-postgres-init"}}]
     envs = [env for path, env in _walk(docs) if path.endswith(".env") for env in env]
     secret_refs = 0
     for env in envs:
