@@ -34,6 +34,7 @@ RESULTS = HERE / "results"
 QUICKSTART = HERE.parent / "examples" / "quickstart.yaml"
 EVAL_EVERY = 25  # 6 eval points over the quickstart's 150 steps: rungs for ASHA replay
 METRIC = "exact_match"
+TOP_FRACTION = 0.5  # configs scoring ≥ half the optimum form "the top of the curve" (seed noise)
 CURVE_KEYS = ("step", "exact_match", "eval_loss", "train_loss", "diverged")
 
 
@@ -72,8 +73,9 @@ def final_metric(run: dict[str, Any]) -> float:
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per method: mean final metric per (rank, lr) over seeds, the optimum, and the seed noise.
 
-    Seed noise = the median over the method's configs of the standard deviation across seeds: the typical
-    spread of one config's score, which bounds what any search can resolve.
+    Seed noise = the pooled (RMS) standard deviation across seeds of the configs at the top of the curve
+    (mean ≥ TOP_FRACTION × the optimum): the typical spread of one good config's score, which bounds what
+    any search can resolve. Dead configs (0 everywhere) are left out; they would make the noise look tiny.
     """
     by_cfg: dict[tuple[str, int, float], list[float]] = {}
     for run in runs:
@@ -83,13 +85,18 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         cfgs = {(r, lr): v for (m, r, lr), v in by_cfg.items() if m == method}
         means = {cfg: statistics.mean(v) for cfg, v in cfgs.items()}
         best = max(means, key=means.__getitem__)
-        stds = [statistics.stdev(v) for v in cfgs.values() if len(v) > 1]
+        top = [
+            statistics.variance(v)
+            for c, v in cfgs.items()
+            if len(v) > 1 and means[c] >= TOP_FRACTION * means[best]
+        ]
         out[method] = {
             "best_rank": best[0],
             "best_lr": best[1],
             "best_mean": means[best],
             "best_std": statistics.stdev(cfgs[best]) if len(cfgs[best]) > 1 else None,
-            "seed_noise": statistics.median(stds) if stds else None,
+            "seed_noise": math.sqrt(statistics.mean(top)) if top else None,
+            "top_configs": len(top),
             "means": {f"{r}/{lr:g}": means[(r, lr)] for r, lr in sorted(means)},
         }
     return out
@@ -169,7 +176,7 @@ def main() -> None:
                 method, str(rank), *[f"{s['means'].get(f'{rank}/{lr:g}', math.nan):.2f}" for lr in lrs]
             )
     console.print(table)
-    best = Table(title="optimum per method (mean over seeds) and seed noise (median std across seeds)")
+    best = Table(title="optimum per method (mean over seeds); seed noise: pooled std across seeds at the top")
     for col in ("method", "best rank", "best lr", METRIC, "std at best", "seed noise"):
         best.add_column(col, justify="right")
     for method, s in summary.items():
