@@ -144,6 +144,72 @@ def ray_train(spec: SweepSpec, data_dir: Path) -> float:
     return float(trainer.fit().metrics["tokens_per_s"])
 
 
+def phases(spec: SweepSpec, data_dir: Path, steps: int) -> dict[str, dict[str, float]]:
+    """Where a step's time goes: median ms of forward, backward and optimizer step, for the bare loop and
+    for DeepSpeed engines built as the loop builds them (the spec's ZeRO stage, and stage 0)."""
+    import deepspeed
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftsweep import search_spaces
+    from peftsweep.trainables.data import collate
+    from peftsweep.trainables.loop import deepspeed_config, init_standalone, resolve_base_model
+    from peftsweep.trainables.prepared import load_prepared
+
+    init_standalone()
+    tr, mspec = spec.training, spec.method(METHOD)
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+    base = resolve_base_model(spec.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    data = load_prepared(data_dir)
+    loader = DataLoader(
+        data.train, batch_size=tr.batch_size, collate_fn=lambda f: collate(f, tokenizer.pad_token_id),
+        drop_last=True,
+    )  # fmt: skip
+    batches = [b for _, b in zip(range(steps), loader, strict=False)]
+    out: dict[str, dict[str, float]] = {}
+    for name in ("bare", f"zero{spec.resources.zero_stage}", "zero0"):
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        hparams = search_spaces.AdapterHParams(
+            rank=RANK, alpha=RANK * mspec.alpha_over_rank, dropout=mspec.dropout,
+            target_modules=mspec.target_modules, options=mspec.options, total_steps=tr.max_steps,
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory() as workdir:
+            model = search_spaces.get_method(METHOD).apply(model, hparams, Path(workdir))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=LR)
+        engine = None
+        if name != "bare":
+            raw = spec.model_dump(mode="json")
+            raw["resources"]["zero_stage"] = int(name.removeprefix("zero"))
+            config = deepspeed_config(SweepSpec.model_validate(raw))
+            engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        times: dict[str, list[float]] = {"forward": [], "backward": [], "step": []}
+        for batch in batches:
+            t0 = time.perf_counter()
+            loss = (engine or model)(**batch).loss
+            t1 = time.perf_counter()
+            if engine is not None:
+                engine.backward(loss)
+            else:
+                loss.backward()
+            t2 = time.perf_counter()
+            if engine is not None:
+                engine.step()
+            else:
+                torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                times[key].append(dt * 1e3)
+        out[name] = {k: statistics.median(v) for k, v in times.items()}
+        out[name]["total"] = sum(out[name].values())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="each arm once per round, order rotated")
@@ -153,7 +219,9 @@ def main() -> None:
         type=Path,
         default=Path(__file__).resolve().parents[1] / "peftsweep-runs" / "bench-throughput",
     )
+    parser.add_argument("--phase-steps", type=int, default=200, help="steps per engine in the phase profile")
     parser.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
+    parser.add_argument("--phases-only", action="store_true", help="keep --out's tokens/s, redo the profile")
     args = parser.parse_args()
     console = Console(width=160)
 
@@ -162,14 +230,17 @@ def main() -> None:
 
     spec = bench_spec(args.steps, args.root.resolve())
     data_dir = prepare_data(spec)
-    started = cluster.connect()  # embedded Ray with its dashboard, as `peftsweep run` starts it
-    arms = {"bare": bare, "deepspeed": deepspeed, "ray": ray_train}
     samples: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    if args.phases_only:
+        samples, args.rounds = json.loads(args.out.read_text())["samples"], 0
+    started = False if args.phases_only else cluster.connect()  # embedded Ray with its dashboard, as `run`
+    arms = {"bare": bare, "deepspeed": deepspeed, "ray": ray_train}
     try:
         for rnd in range(args.rounds):
             for arm in ARMS[rnd % len(ARMS) :] + ARMS[: rnd % len(ARMS)]:
                 samples[arm].append(arms[arm](spec, data_dir))
                 console.print(f"round {rnd} {arm:>9}: {samples[arm][-1]:,.0f} tokens/s")
+        profile = phases(spec, data_dir, args.phase_steps)
     finally:
         if started:
             cluster.disconnect()
@@ -184,6 +255,13 @@ def main() -> None:
             f"{med[arm] / med['bare']:.3f}", f"{med[arm] / med['deepspeed']:.3f}",
         )  # fmt: skip
     console.print(table)
+    prof = Table(title="where a step's time goes (median ms per phase, same batches)")
+    for col in ("engine", "forward", "backward", "step", "total", "vs bare"):
+        prof.add_column(col, justify="right")
+    for name, p in profile.items():
+        prof.add_row(name, *[f"{p[k]:.2f}" for k in ("forward", "backward", "step", "total")],
+                     f"{p['total'] / profile['bare']['total']:.3f}")  # fmt: skip
+    console.print(prof)
     ratio = med["ray"] / med["bare"]
     console.print(f"ray / bare = {ratio:.3f} (target ≥ {TARGET}: {'met' if ratio >= TARGET else 'missed'})")
     args.out.write_text(
@@ -201,6 +279,7 @@ def main() -> None:
                 "ray_over_deepspeed": med["ray"] / med["deepspeed"],
                 "deepspeed_over_bare": med["deepspeed"] / med["bare"],
                 "target": TARGET,
+                "phases_ms": profile,
             },
             indent=1,
         )
