@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format clean bench
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -16,6 +16,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Benchmarks (bench/README.md): ground-truth grid, search replay, throughput, overhead. Hours on 2 cores.
+bench: $(STAMP)
+	nice -n 19 $(PY) bench/grid.py
+	nice -n 19 $(PY) bench/search_efficiency.py
+	nice -n 19 $(PY) bench/throughput.py
+	nice -n 19 $(PY) bench/overhead.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check peftsweep tests scripts
