@@ -329,6 +329,19 @@ def report(
             "-" if a["reach_1pct_vs_tpe"] is None else f"{a['reach_1pct_vs_tpe']:.2f}",
         )
     console.print(table)
+    if args.markdown:  # the README's table
+        print("| strategy | method | reps | steps used | to 1 % (reached) | to noise | regret med / mean | "
+              "regret ≤ noise | LR ±1 step | to 1 % / grid | to 1 % / tpe |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for key, a in agg.items():
+            vs_tpe = "-" if a["reach_1pct_vs_tpe"] is None else f"{a['reach_1pct_vs_tpe']:.2f}"
+            print(
+                f"| {key.replace('/', ' | ')} | {a['reps']} | {a['steps_median']:.0f} | "
+                f"{a['reach_1pct_median']:.0f} ({a['reach_1pct_rate']:.0%}) | "
+                f"{a['reach_noise_median']:.0f} | "
+                f"{a['regret_median']:.3f} / {a['regret_mean']:.3f} | {a['regret_within_noise_rate']:.0%} | "
+                f"{a['lr_within_one_step_rate']:.0%} | {a['reach_1pct_vs_grid']:.3f} | {vs_tpe} |"
+            )
     return agg
 
 
@@ -367,6 +380,7 @@ def main() -> None:
     parser.add_argument(
         "--shard", default="0/1", help="i/n: run repetitions i, i+n, ... (n processes share the waiting)"
     )
+    parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     parser.add_argument("--summary-only", action="store_true", help="print the table from --out, run nothing")
     args = parser.parse_args()
     console = Console(width=200)
