@@ -68,6 +68,11 @@ def probe_curvature(spec_json: dict[str, Any], data_dir: str, method: str) -> fl
     return result.top_eigenvalue
 
 
+def usable_curvature(value: float | None) -> bool:
+    """A λ_max that can scale an LR: finite and positive (a saddle's negative top eigenvalue cannot)."""
+    return value is not None and math.isfinite(value) and value > 0
+
+
 def centred_range(mspec: MethodSpec, centre: float) -> tuple[float, float]:
     """The method's range, same log-width as in the spec, centred (geometrically) at ``centre``."""
     assert mspec.lr_min is not None and mspec.lr_max is not None  # filled from the registry

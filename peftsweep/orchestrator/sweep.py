@@ -315,12 +315,26 @@ def _prior(
     curvature: dict[str, float],
 ) -> tuple[tuple[float, float] | None, list[dict] | None]:
     """(LR range, points to try first) that ``search.lr_prior`` gives this method; (None, None) without."""
-    from peftsweep.orchestrator.priors import centred_range, reference_method, transfer_points
+    from peftsweep.orchestrator.priors import (
+        centred_range,
+        reference_method,
+        transfer_points,
+        usable_curvature,
+    )
 
     ref = reference_method(spec)
     if method == ref or method not in curvature:
         if method in curvature:
             tracker.note_method(method, {"curvature_lambda": curvature[method]}, {})
+        return None, None
+    if not usable_curvature(curvature[ref]) or not usable_curvature(curvature[method]):
+        # The probe's top eigenvalue can be negative (PiSSA/MiLoRA at init sit near a saddle on the built-in
+        # task): no stability scale, and a negative ratio would give a negative LR range. The spec's range.
+        tracker.note_method(
+            method,
+            {"curvature_lambda": curvature[method]},
+            {"lr_prior": f"none: λ_max {curvature[method]:.3g} (reference {curvature[ref]:.3g}) is not > 0"},
+        )
         return None, None
     ratio = curvature[ref] / curvature[method]
     metrics = {"curvature_lambda": curvature[method], "lr_prior_ratio": ratio}
@@ -336,7 +350,7 @@ def _prior(
     bests = [
         (score.lr * curvature[m.name] / curvature[method], score.rank)
         for m in earlier
-        if m.name in curvature and (score := tracker.method_score(m.name)) is not None
+        if usable_curvature(curvature.get(m.name)) and (score := tracker.method_score(m.name)) is not None
     ]
     points = transfer_points(spec.method(method), bests, 1.0)
     tracker.note_method(method, metrics, {"lr_prior": f"transfer {points}"})

@@ -13,6 +13,7 @@ from peftsweep.orchestrator.priors import (
     reference_method,
     search_order,
     transfer_points,
+    usable_curvature,
 )
 from peftsweep.spec import parse_spec
 
@@ -54,3 +55,39 @@ def test_curvature_probe_runs_on_the_sweeps_prepared_data(tmp_path: Path) -> Non
     first = probe_curvature(spec.model_dump(mode="json"), str(data_dir), "lora")
     assert math.isfinite(first) and first > 0
     assert probe_curvature(spec.model_dump(mode="json"), str(data_dir), "lora") == first  # seeded
+
+
+class _Tracker:
+    """The two tracker calls `_prior` makes (a unit test: no MLflow)."""
+
+    def __init__(self, lr: float) -> None:
+        self.notes: dict[str, tuple[dict, dict]] = {}
+        self.lr = lr
+
+    def method_score(self, method: str) -> object:
+        from peftsweep.orchestrator.tracking import MethodScore
+
+        return MethodScore(lr=self.lr, rank=4, mean=0.5, std=0.0, n=1, trials=[])
+
+    def note_method(self, method: str, metrics: dict, tags: dict) -> None:
+        self.notes[method] = (metrics, tags)
+
+
+@pytest.mark.parametrize("prior", ["curvature", "transfer"])
+def test_a_non_positive_curvature_gives_no_prior_instead_of_a_negative_range(
+    tmp_path: Path, prior: str
+) -> None:
+    from peftsweep.orchestrator.sweep import _prior
+
+    spec = _spec(tmp_path, ["lora", "pissa", "dora"], prior)
+    tracker = _Tracker(lr=1e-2)
+    curvature = {"lora": 20.0, "pissa": -416.0, "dora": 40.0}  # PiSSA's probe on the built-in task: < 0
+    assert _prior(spec, "pissa", [spec.method("lora")], tracker, curvature) == (None, None)
+    assert "is not > 0" in tracker.notes["pissa"][1]["lr_prior"]
+    # A positive one still gets its prior, from the usable earlier methods only (not PiSSA's negative λ).
+    lr_range, points = _prior(spec, "dora", [spec.method("lora"), spec.method("pissa")], tracker, curvature)
+    if prior == "curvature":
+        assert lr_range is not None and math.sqrt(lr_range[0] * lr_range[1]) == pytest.approx(1e-2 * 20 / 40)
+    else:
+        assert points is not None and [p["lr"] for p in points] == [pytest.approx(1e-2 * 20 / 40)]
+    assert not usable_curvature(float("nan")) and not usable_curvature(0.0) and usable_curvature(1e-3)
