@@ -50,29 +50,39 @@ def bench_spec(steps: int, root: Path) -> SweepSpec:
     return SweepSpec.model_validate(raw)
 
 
-def bare(spec: SweepSpec, data_dir: Path) -> float:
-    """Tokens/s of a plain PyTorch loop with the trial's model, batch, schedule, clipping and threads."""
+def _adapter_model(spec: SweepSpec, base: str) -> Any:
+    """The base model with the benchmark's adapter applied, built as the loop builds it."""
     import torch
-    from torch.utils.data import DataLoader
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+    from transformers import AutoModelForCausalLM
 
     from peftsweep import search_spaces
-    from peftsweep.trainables.data import collate
-    from peftsweep.trainables.loop import resolve_base_model
-    from peftsweep.trainables.prepared import load_prepared
 
     tr, mspec = spec.training, spec.method(METHOD)
-    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))  # as the loop does
-    torch.manual_seed(SEED)
-    base = resolve_base_model(spec.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     hparams = search_spaces.AdapterHParams(
         rank=RANK, alpha=RANK * mspec.alpha_over_rank, dropout=mspec.dropout,
         target_modules=mspec.target_modules, options=mspec.options, total_steps=tr.max_steps,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as workdir:
-        model = search_spaces.get_method(METHOD).apply(model, hparams, Path(workdir))
+        return search_spaces.get_method(METHOD).apply(model, hparams, Path(workdir))
+
+
+def bare(spec: SweepSpec, data_dir: Path) -> float:
+    """Tokens/s of a plain PyTorch loop with the trial's model, batch, schedule, clipping and threads."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import AutoTokenizer, get_scheduler
+
+    from peftsweep.trainables.data import collate
+    from peftsweep.trainables.loop import resolve_base_model
+    from peftsweep.trainables.prepared import load_prepared
+
+    tr = spec.training
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))  # as the loop does
+    torch.manual_seed(SEED)
+    base = resolve_base_model(spec.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = _adapter_model(spec, base)
     data = load_prepared(data_dir)
     loader = DataLoader(
         data.train,
@@ -150,15 +160,14 @@ def phases(spec: SweepSpec, data_dir: Path, steps: int) -> dict[str, dict[str, f
     import deepspeed
     import torch
     from torch.utils.data import DataLoader
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from peftsweep import search_spaces
     from peftsweep.trainables.data import collate
     from peftsweep.trainables.loop import deepspeed_config, init_standalone, resolve_base_model
     from peftsweep.trainables.prepared import load_prepared
 
     init_standalone()
-    tr, mspec = spec.training, spec.method(METHOD)
+    tr = spec.training
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     base = resolve_base_model(spec.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -171,13 +180,7 @@ def phases(spec: SweepSpec, data_dir: Path, steps: int) -> dict[str, dict[str, f
     out: dict[str, dict[str, float]] = {}
     for name in ("bare", f"zero{spec.resources.zero_stage}", "zero0"):
         torch.manual_seed(SEED)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        hparams = search_spaces.AdapterHParams(
-            rank=RANK, alpha=RANK * mspec.alpha_over_rank, dropout=mspec.dropout,
-            target_modules=mspec.target_modules, options=mspec.options, total_steps=tr.max_steps,
-        )  # fmt: skip
-        with tempfile.TemporaryDirectory() as workdir:
-            model = search_spaces.get_method(METHOD).apply(model, hparams, Path(workdir))
+        model = _adapter_model(spec, base)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=LR)
         engine = None

@@ -75,6 +75,8 @@ def submit(
     missing = [name for name in env if name not in os.environ]
     if missing:
         raise ValueError(f"--env {', '.join(missing)}: not set in this shell")
+    if resume and nightly:
+        raise ValueError("--resume continues the latest run; it cannot also be a new --nightly run")
     stage = Path(tempfile.mkdtemp(prefix="peftsweep-job-"))
     try:
         (stage / SPEC_FILE).write_text(yaml.safe_dump(job_spec(spec), sort_keys=False))
@@ -85,8 +87,6 @@ def submit(
         if ship_package:
             runtime_env["py_modules"] = [str(Path(peftsweep.__file__).parent)]
             runtime_env["excludes"] = ["__pycache__", "*.pyc"]
-        if resume and nightly:
-            raise ValueError("--resume continues the latest run; it cannot also be a new --nightly run")
         command = "resume" if resume else "run" + (" --nightly" if nightly else "")
         entrypoint = f"python -m peftsweep {command} {SPEC_FILE} --address auto"
         jobs = client(address)
