@@ -211,13 +211,37 @@ def memory(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             if self.done % RSS_EVERY == 0:
                 self.samples.append((self.done, self.rss()))
 
+    class TimedRecorder(TrialRecorder):
+        """The real MLflow recorder, timing its driver-side work per trial (start + results + finish)."""
+
+        def __init__(self, tracker: SweepTracker, method: str) -> None:
+            super().__init__(tracker, method)
+            self.seconds: dict[str, float] = {}
+
+        def _timed(self, hook: Any, trial: Any, *a: Any, **kw: Any) -> None:
+            t0 = time.perf_counter()
+            hook(*a, trial=trial, **kw)
+            self.seconds[trial.trial_id] = self.seconds.get(trial.trial_id, 0.0) + time.perf_counter() - t0
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._timed(super().on_trial_start, trial, iteration, trials, **info)
+
+        def on_trial_result(
+            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+        ) -> None:
+            self._timed(super().on_trial_result, trial, iteration, trials, result=result, **info)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._timed(super().on_trial_complete, trial, iteration, trials, **info)
+
     started = cluster.connect()
     try:
         tracker = SweepTracker(spec)
         tracker.start_method(METHOD)
         rss = RssSampler()
+        recorder = TimedRecorder(tracker, METHOD)
         trivial = tune.with_resources(_trivial_trial, {"cpu": spec.resources.trial_driver_cpus})
-        _search_method(spec, METHOD, [TrialRecorder(tracker, METHOD), rss], work, trainable=trivial)
+        _search_method(spec, METHOD, [recorder, rss], work, trainable=trivial)
         tracker.finish_method(METHOD)
         tracker.finish_sweep("FINISHED")
     finally:
@@ -225,6 +249,7 @@ def memory(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             cluster.disconnect()
     samples = rss.samples
     first = samples[1][1] if len(samples) > 1 else samples[0][1]
+    mlflow_s = sorted(recorder.seconds.values())
     console.print(
         f"driver RSS: {samples[0][1]:.0f} MiB before, {samples[-1][1]:.0f} MiB after {samples[-1][0]}"
     )
@@ -233,6 +258,8 @@ def memory(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "rss_mib": samples,
         "growth_mib": samples[-1][1] - samples[0][1],
         "growth_after_first_10_mib": samples[-1][1] - first,
+        "mlflow_per_trial_s": mlflow_s,
+        "mlflow_per_trial_median_s": statistics.median(mlflow_s) if mlflow_s else None,
     }
 
 
@@ -248,7 +275,7 @@ def _trivial_trial(config: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["wall", "memory"], choices=["wall", "memory"])
-    parser.add_argument("--steps", type=int, default=3600, help="steps per trial: ≈ 60 s of training here")
+    parser.add_argument("--steps", type=int, default=3600, help="steps per trial (≈ 50 s, quiet core)")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1, help="(a) then (b), this many times")
     parser.add_argument("--memory-trials", type=int, default=200)
@@ -299,6 +326,12 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
             f"driver RSS over {m['trials']} trivial trials: +{m['growth_mib']:.0f} MiB "
             f"(+{m['growth_after_first_10_mib']:.0f} MiB after the first {RSS_EVERY})"
         )
+        if m.get("mlflow_per_trial_median_s") is not None:
+            ms = [1000 * s for s in m["mlflow_per_trial_s"]]
+            console.print(
+                "MLflow logging on the driver per trial (start + results + finish): "
+                f"median {statistics.median(ms):.0f} ms, max {max(ms):.0f} ms"
+            )
 
 
 if __name__ == "__main__":
