@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from peftsweep import search_spaces
+from peftsweep.vocab import FORMAT_ROLES, DataFormat, direction, metric_names
 
 
 class SpecError(ValueError):
@@ -64,8 +65,6 @@ Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 def _fields_fit_format(fields: dict[str, str], info: ValidationInfo) -> dict[str, str]:
     """``fields`` maps roles of the section's ``format`` to non-empty column names."""
-    from peftsweep.trainables.formats import FORMAT_ROLES  # pure Python, like this module
-
     fmt = info.data.get("format")
     if fmt is None:  # the format itself is invalid and reported under its own name
         return fields
@@ -76,9 +75,6 @@ def _fields_fit_format(fields: dict[str, str], info: ValidationInfo) -> dict[str
     if empty:
         raise ValueError(f"role(s) {empty} need a non-empty column name")
     return fields
-
-
-DataFormat = Literal["prompt_completion", "math", "classification", "qa", "instruction", "chat", "code"]
 
 
 class DataSpec(_Strict):
@@ -221,9 +217,7 @@ class SearchSpec(_Strict):
 
     @property
     def direction(self) -> Literal["max", "min"]:
-        from peftsweep.trainables.task_metrics import LOWER_IS_BETTER
-
-        return self.mode or ("min" if self.metric in LOWER_IS_BETTER else "max")
+        return self.mode or direction(self.metric or "")
 
 
 class SamSpec(_Strict):
@@ -410,8 +404,6 @@ class SweepSpec(_Strict):
     @model_validator(mode="after")
     def _recipe_fits(self) -> SweepSpec:
         """Cross-section checks of the training recipe; each message names the fields to change."""
-        from peftsweep.trainables.task_metrics import metric_names
-
         problems = []
         allowed = list(metric_names(self.data.format)) + (["forgetting"] if self.forgetting else [])
         metric = self.search.metric or allowed[0]

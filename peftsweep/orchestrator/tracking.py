@@ -22,7 +22,7 @@ from ray.tune import Callback
 from peftsweep.orchestrator.redact import RedactingClient
 from peftsweep.orchestrator.trial import prune_finished
 from peftsweep.spec import SweepSpec
-from peftsweep.trainables.loop import HOST_KEY, NODE_KEY
+from peftsweep.vocab import FAILURE_KEY, HOST_KEY, NODE_KEY, STEP, TRAINER_STATE, trial_metric_names
 
 if TYPE_CHECKING:
     from peftsweep.orchestrator.promotion import GateDecision
@@ -38,32 +38,6 @@ PROMOTION_TAG = "peftsweep.promotion"  # the gate's reason, on the sweep run and
 NODE_TAG, HOST_TAG = "peftsweep.node_id", "peftsweep.host"  # where the trial's rank 0 trained (latest)
 NIGHTLY_TAG = "peftsweep.nightly"  # the UTC date (YYYY-MM-DD) of a `run --nightly` sweep run
 ADAPTER_ARTIFACT = "adapter"
-# What every trial reports besides its format's task metrics (trainables.loop); logged when present.
-TRIAL_METRICS = (
-    "eval_loss",
-    "train_loss",
-    "lr",
-    "diverged",
-    "oom",  # the trial ran out of memory (failed, worst score; not retried)
-    "trainable_params",
-    "resumed_from_step",  # > 0: a lost worker was restarted from that step's checkpoint
-    "adapter_bytes",
-    "general_loss",  # forgetting check (spec.forgetting)
-    "forgetting",
-    "forgetting_violated",
-    "perturbed_fraction",  # SL-SAM
-    "tau",  # gradual objective
-    "tokens_per_s",
-    "peak_memory_mb",  # GPU only
-)
-
-
-def trial_metric_names(spec: SweepSpec) -> tuple[str, ...]:
-    """Every metric name a trial of this spec can report: task metrics (validation and test) + the rest."""
-    from peftsweep.trainables.task_metrics import metric_names
-
-    task = metric_names(spec.data.format)
-    return tuple(dict.fromkeys((*task, *TRIAL_METRICS, *(f"test_{m}" for m in task))))
 
 
 @dataclass
@@ -140,8 +114,7 @@ class SweepTracker:
         from mlflow.entities import Dataset, DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        from peftsweep.trainables.data import BUILTIN_PREFIX
-        from peftsweep.trainables.formats import HF_PREFIX
+        from peftsweep.vocab import BUILTIN_PREFIX, HF_PREFIX
 
         task = self.spec.data.task
         if task.startswith(HF_PREFIX):
@@ -285,9 +258,9 @@ class SweepTracker:
         return record
 
     def log_result(self, record: TrialRecord, result: dict[str, Any]) -> None:
-        step = int(result.get("step", 0))
+        step = int(result.get(STEP, 0))
         now = int(time.time() * 1000)
-        names = trial_metric_names(self.spec)
+        names = trial_metric_names(self.spec.data.format)
         metrics = [Metric(k, float(result[k]), now, step) for k in names if _finite(result.get(k))]
         tags = []
         if result.get(NODE_KEY) and result[NODE_KEY] != record.node:  # a first result, or a restart elsewhere
@@ -296,8 +269,8 @@ class SweepTracker:
         self.client.log_batch(record.run_id, metrics=metrics, tags=tags)
         record.metrics = {k: float(result[k]) for k in names if k in result}
         record.metrics["step"] = step
-        if result.get("failure"):
-            record.failure = str(result["failure"])
+        if result.get(FAILURE_KEY):
+            record.failure = str(result[FAILURE_KEY])
 
     def finish_trial(
         self, record: TrialRecord, checkpoint_path: str | None, error: str | None = None
@@ -321,8 +294,6 @@ class SweepTracker:
 
     def _log_adapter(self, run_id: str, checkpoint: Path) -> None:
         """The checkpoint's adapter files, not its resume state (optimizer moments are not the product)."""
-        from peftsweep.trainables.loop import TRAINER_STATE
-
         for entry in sorted(checkpoint.iterdir()):
             if entry.name == TRAINER_STATE:
                 continue

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from peftsweep.spec import SweepSpec
+from peftsweep.vocab import TRAINER_STATE
 
 CONFIRM_KEY = "confirm"  # a confirmation run's fixed config arrives as one grid-searched dict under this key
 
@@ -24,8 +25,6 @@ def train_run_dir(spec: SweepSpec, trial_id: str) -> Path:
 def prune_finished(spec: SweepSpec, trial_id: str) -> int:
     """Drop the resume state (optimizer moments, RNG, data position) from a finished trial's checkpoints and
     return the bytes freed: nothing resumes a finished trial, so only its best-k adapters stay on disk."""
-    from peftsweep.trainables.loop import TRAINER_STATE
-
     freed = 0
     for state in train_run_dir(spec, trial_id).glob(f"*/{TRAINER_STATE}"):
         freed += sum(f.stat().st_size for f in state.rglob("*") if f.is_file())

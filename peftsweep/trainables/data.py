@@ -14,12 +14,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftsweep.vocab import BUILTIN_PREFIX
+
 if TYPE_CHECKING:
     import datasets
     import torch
 
 SPLITS = ("train", "eval")  # the two files every task directory holds
-BUILTIN_PREFIX = "builtin:"  # task strings naming a packaged task, e.g. "builtin:arith-sub"
 IGNORE_INDEX = -100  # the label value torch's cross-entropy (and HF models) skip
 
 

@@ -37,14 +37,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal
 
-from peftsweep.trainables.data import BUILTIN_PREFIX, DataError, json_reason, resolve_task_dir
+from peftsweep.trainables.data import DataError, json_reason, resolve_task_dir
+from peftsweep.vocab import BUILTIN_PREFIX, FORMAT_ROLES, FORMATS, HF_PREFIX, DataFormat
 
 if TYPE_CHECKING:
     import datasets
 
-HF_PREFIX = "hf:"  # task strings naming a Hugging Face Hub dataset, e.g. "hf:openai/gsm8k:main"
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")  # the file types a task file or split file may have
 SPLITS = ("train", "validation", "test")  # the keys of load_task's result, in carving order after train
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)  # train/validation/test fractions of a single-file task
@@ -61,46 +61,8 @@ HF_SPLIT_NAMES = {
 CHAT_ROLES = ("system", "user", "assistant")  # "tool" turns carry extra fields a plain template cannot show
 COLUMNS = ("prompt", "completion", "answers", "tests")  # every normalised row has exactly these
 
-Format = Literal["prompt_completion", "math", "classification", "qa", "instruction", "chat", "code"]
+Format = DataFormat
 Row = dict[str, Any]
-
-
-class Role(NamedTuple):
-    """One input column of a format: its default name (``fields`` may rename it) and whether it must exist."""
-
-    column: str
-    required: bool
-
-
-FORMAT_ROLES: dict[str, dict[str, Role]] = {
-    "prompt_completion": {"prompt": Role("prompt", True), "completion": Role("completion", True)},
-    # The completion is the whole answer, reasoning included; the metric extracts the number after "####".
-    "math": {"question": Role("question", True), "answer": Role("answer", True)},
-    # A label may be a string, int or bool (written as str(label): 1 -> "1", True -> "True").
-    "classification": {"text": Role("text", True), "label": Role("label", True)},
-    # answers: a string, a list of strings, or SQuAD's {"text": [...], "answer_start": [...]}; the first
-    # answer is the training completion, all of them are references.
-    "qa": {
-        "question": Role("question", True),
-        "context": Role("context", False),
-        "answers": Role("answers", True),
-    },
-    "instruction": {
-        "instruction": Role("instruction", True),
-        "input": Role("input", False),
-        "output": Role("output", True),
-    },
-    # A list of {"role", "content"}; the last one is the assistant's completion, the others the prompt.
-    "chat": {"messages": Role("messages", True)},
-    # tests (assert statements, a string or a list of strings) are optional for training but needed by the
-    # pass@k metric: see has_tests().
-    "code": {
-        "prompt": Role("prompt", True),
-        "completion": Role("completion", True),
-        "tests": Role("tests", False),
-    },
-}
-FORMATS: tuple[str, ...] = tuple(FORMAT_ROLES)
 
 # Prompt templates, filled with str.format (braces inside the values are safe). Prompts end where the model
 # starts writing, so the completion follows directly. prompt_completion and code use the prompt as it is:

@@ -27,13 +27,12 @@ from typing import Any
 
 from peftsweep.spec import SweepSpec
 from peftsweep.trainables.faults import Fault
+from peftsweep.vocab import HOST_KEY, NODE_KEY, TRAINER_STATE
 
 # report(metrics, checkpoint_dir): every rank passes its own directory (rank 0's holds the adapter), or None
 # when there is nothing to checkpoint (a diverged trial).
 Reporter = Callable[[dict[str, Any], Path | None], None]
 
-NODE_KEY, HOST_KEY = "node_id", "host"  # reported with every result: the Ray node and host of rank 0
-TRAINER_STATE = "trainer_state"  # checkpoint subdirectory with the resume state; not part of the adapter
 # A torch JIT-extension build holds its lock file for seconds (DeepSpeed's shm op: ~30 s on first build); one
 # this old belongs to a killed process, and torch would wait on it forever.
 _STALE_BUILD_LOCK_S = 600.0

@@ -16,19 +16,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from peftsweep.trainables.sandbox import run_python
+from peftsweep.vocab import ALWAYS, FORMAT_METRICS, LOWER_IS_BETTER, metric_names  # noqa: F401 (re-export)
 
-ALWAYS: tuple[str, ...] = ("eval_loss",)
-# Metric keys are MLflow metric names, hence "pass_at_k" rather than "pass@k".
-FORMAT_METRICS: dict[str, tuple[str, ...]] = {
-    "prompt_completion": ("exact_match", "number_match", "token_f1"),
-    "math": ("number_match", "exact_match"),
-    "classification": ("accuracy", "macro_f1"),
-    "qa": ("exact_match", "token_f1"),
-    "instruction": ("exact_match", "token_f1"),
-    "chat": ("exact_match", "token_f1"),
-    "code": ("pass_at_k", "exact_match"),
-}
-LOWER_IS_BETTER: frozenset[str] = frozenset({"eval_loss", "forgetting"})
 # Free-form answers are judged modulo case/punctuation/articles; exact formats (numbers, code) are not.
 _SQUAD_EM_FORMATS = frozenset({"qa", "instruction", "chat"})
 _CODE_WORKERS = 2  # each sample is its own interpreter process; 2 keeps a 2-core node responsive
@@ -43,16 +32,8 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = frozenset(string.punctuation)
 
 
-def metric_names(fmt: str) -> tuple[str, ...]:
-    """Metrics a spec may optimise for data format ``fmt``: the format's task metrics plus ``eval_loss``."""
-    return _format_metrics(fmt) + ALWAYS
-
-
 def _format_metrics(fmt: str) -> tuple[str, ...]:
-    try:
-        return FORMAT_METRICS[fmt]
-    except KeyError:
-        raise ValueError(f"unknown data format {fmt!r}; known: {sorted(FORMAT_METRICS)}") from None
+    return metric_names(fmt)[: -len(ALWAYS)]
 
 
 def _canonical_number(sign: str, num: str) -> str | None:
