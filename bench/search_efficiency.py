@@ -357,7 +357,7 @@ def probe_curvatures(args: argparse.Namespace, console: Console) -> dict[str, fl
         spec = grid_spec(root=args.work / "data")
         data_dir = prepare_data(spec)
         for method in missing:
-            known[method] = probe_curvature(spec.model_dump(mode="json"), str(data_dir), method)
+            known[method] = probe_curvature(spec, str(data_dir), method)
             console.print(f"curvature λ_max {method}: {known[method]:.3g}")
         cache.write_text(json.dumps(known, indent=1))
     return {m: known[m] for m in args.methods}

@@ -257,6 +257,10 @@ class TrainingSpec(_Strict):
     sam: SamSpec = SamSpec()  # used by sam (every tensor perturbed) and sl_sam
     objective: Literal["cross_entropy", "gradual"] = "cross_entropy"
     gradual: GradualSpec = GradualSpec()  # used by objective: gradual
+    # auto: plain torch AdamW at world size 1 (same losses as DeepSpeed, 1.20-1.25× faster steps measured by
+    # bench/engine.py, no JIT-op lock), DeepSpeed where it does something: several workers, ZeRO-3, offload,
+    # bf16/fp16. torch | deepspeed force one (torch only with one worker per trial).
+    engine: Literal["auto", "torch", "deepspeed"] = "auto"
 
     @model_validator(mode="after")
     def _eval_fits(self) -> TrainingSpec:
@@ -269,21 +273,35 @@ class ResourcesSpec(_Strict):
     """What one trial gets, and how many run at once."""
 
     workers_per_trial: PositiveInt = 1  # Ray Train workers (data parallel) per trial
+    # auto: one worker → the loop runs inside the Tune trial on a warm, reused actor (no per-trial process
+    # start: ~20 s a trial saved on 2 cores, bench/overhead.py); several → a Ray Train TorchTrainer job.
+    # inline | train force one (inline only with one worker).
+    executor: Literal["auto", "inline", "train"] = "auto"
     cpus_per_worker: PositiveFloat = 1.0  # fractional values let concurrent trials fit small machines
     gpus_per_worker: NonNegativeFloat = 0.0  # 0: CPU training (gloo); >0 needs CUDA on the workers
     max_concurrent_trials: PositiveInt = 2  # trials of one method running at once
     trial_driver_cpus: float = Field(0.05, gt=0.0)  # the Tune trial that drives Ray Train; Tune rejects 0
-    zero_stage: int = Field(2, ge=0, le=3)  # paper protocol: DeepSpeed ZeRO-2
+    zero_stage: int = Field(2, ge=0, le=3)  # paper protocol: ZeRO-2 wherever DeepSpeed is the engine
+    offload_optimizer: bool = False  # DeepSpeed ZeRO optimizer-state offload to CPU (big bases on small GPUs)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 on CPU (bf16 is ~2× slower there)
     max_worker_restarts: NonNegativeInt = 1  # a crashed worker group restarts from the last checkpoint
     # A worker with no progress (setup stage, step or report) for this long is killed by its watchdog and
     # restarted like a crashed one; far above a healthy base-model load or eval. None: no watchdog.
     hang_timeout_s: PositiveFloat | None = 3600.0
+    # A trial whose set-up (base model load, adapter init, engine build) makes no progress for this long
+    # fails with the stage named, instead of waiting on e.g. a lock nobody will release. A healthy stage takes
+    # seconds to minutes; raise it for hub downloads of big bases. None: no limit.
+    setup_timeout_s: PositiveFloat | None = 900.0
 
     @model_validator(mode="after")
     def _precision_fits_device(self) -> ResourcesSpec:
         if self.precision == "fp16" and self.gpus_per_worker == 0:
             raise ValueError("precision 'fp16' needs GPUs (gpus_per_worker > 0); use fp32 or bf16 on CPU")
+        if self.executor == "inline" and self.workers_per_trial > 1:
+            raise ValueError(
+                f"executor 'inline' runs one worker per trial, but workers_per_trial is "
+                f"{self.workers_per_trial}; use 'train' (or 'auto') for multi-worker trials"
+            )
         return self
 
 
@@ -425,6 +443,17 @@ class SweepSpec(_Strict):
                 for i, m in enumerate(self.methods)
                 if not search_spaces.get_method(m.name).separable
             ]
+        if tr.engine == "torch" and res.workers_per_trial > 1:
+            problems.append(
+                f"training.engine: 'torch' trains one worker per trial, but resources.workers_per_trial is "
+                f"{res.workers_per_trial}; use 'deepspeed' (or 'auto') for multi-worker trials"
+            )
+        if tr.engine == "torch" and (res.zero_stage == 3 or res.offload_optimizer or res.precision != "fp32"):
+            problems.append(
+                "training.engine: 'torch' trains fp32 without ZeRO-3 or offload; resources ask for "
+                f"zero_stage {res.zero_stage}, offload_optimizer {res.offload_optimizer}, precision "
+                f"{res.precision!r}: use 'deepspeed' (or 'auto')"
+            )
         per_step = tr.batch_size * res.workers_per_trial
         if tr.global_batch_size is not None and tr.global_batch_size % per_step:
             problems.append(

@@ -1,4 +1,5 @@
-"""A method's search budget, enforced where trials are launched: a wrapper around the Optuna searcher.
+"""A method's search budget, enforced where trials are launched: a wrapper around the Optuna searcher that
+also turns each suggestion into the trial's typed configuration (`trial.TrialPlan.config`).
 
 Why a searcher wrapper: a budget must stop *launching* trials, not kill running ones (their results are
 paid for), so the natural place is ``suggest`` — returning ``FINISHED`` ends the method's search once its
@@ -11,9 +12,13 @@ trials have reported.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ray.tune.search import Searcher
+
+# build(trial_id, suggested params, creation index) -> the Tune config of that trial
+Build = Callable[[str, dict, int], dict]
 
 
 class BudgetedSearch(Searcher):
@@ -23,11 +28,14 @@ class BudgetedSearch(Searcher):
         self,
         searcher: Any,
         *,
+        build: Build,
         n_startup_trials: int,
         deadline: float | None = None,  # time.monotonic() after which no trial starts
         trial_seconds: float | None = None,  # summed trial durations after which no trial starts
     ) -> None:
         self.searcher = searcher
+        self.build = build
+        self.created = 0  # trials suggested so far (a trial's creation index picks its reliability drill)
         self.n_startup_trials = n_startup_trials
         self.deadline = deadline
         self.trial_seconds = trial_seconds
@@ -62,7 +70,11 @@ class BudgetedSearch(Searcher):
         finished, running = self._counts()
         if running and finished < self.n_startup_trials <= finished + running:
             return None  # the start-up trials in flight complete the random phase: wait for them
-        return self.searcher.suggest(trial_id)
+        params = self.searcher.suggest(trial_id)
+        if not isinstance(params, dict):
+            return params  # None (wait) or FINISHED
+        self.created += 1
+        return self.build(trial_id, params, self.created - 1)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self.searcher.on_trial_result(trial_id, result)
@@ -83,3 +95,23 @@ class BudgetedSearch(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         self.searcher.restore(checkpoint_path)
+
+
+class FixedSearch(Searcher):
+    """Suggests a fixed list of configurations once each (confirmation runs), each built into its trial's
+    config with the trial id Tune assigned: the same path as the search's trials, no grid of dicts."""
+
+    def __init__(self, points: list[dict], build: Build) -> None:
+        super().__init__()
+        self.points = list(points)
+        self.build = build
+        self.created = 0
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self.created >= len(self.points):
+            return Searcher.FINISHED
+        self.created += 1
+        return self.build(trial_id, self.points[self.created - 1], self.created - 1)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from peftsweep.spec import MethodSpec, SweepSpec
 
@@ -39,15 +38,14 @@ def search_order(spec: SweepSpec) -> list[MethodSpec]:
     return [spec.method(ref)] + [m for m in spec.methods if m.name != ref]
 
 
-def probe_curvature(spec_json: dict[str, Any], data_dir: str, method: str) -> float:
+def probe_curvature(spec: SweepSpec, data_dir: str, method: str) -> float:
     """λ_max of ``method``'s adapter at init on the sweep's validation rows (a Ray task in a sweep)."""
     from transformers import AutoTokenizer
 
     from peftsweep.trainables.curvature import probe_method
-    from peftsweep.trainables.loop import resolve_base_model
+    from peftsweep.trainables.model import resolve_base_model
     from peftsweep.trainables.prepared import load_prepared
 
-    spec = SweepSpec.model_validate(spec_json)
     mspec = spec.method(method)
     rank = min(mspec.ranks) if mspec.ranks else 0
     base = resolve_base_model(spec.base_model)

@@ -16,7 +16,7 @@ from typing import Any
 from peftsweep.orchestrator.tracking import ADAPTER_ARTIFACT, CHAMPION_ALIAS
 from peftsweep.spec import SweepSpec
 
-# evaluate(spec_json, data_dir, adapter_dir) -> metrics; a Ray task in a sweep, a plain call in tests
+# evaluate(spec, data_dir, adapter_dir) -> metrics; a Ray task in a sweep, a plain call in tests
 Evaluator = Callable[[dict[str, Any], str, str], dict[str, float]]
 
 
@@ -55,12 +55,11 @@ def run_gate(
             champion_version=str(current.version),
         )
     metric, direction = spec.search.metric, spec.search.direction
-    spec_json = spec.model_dump(mode="json")
     scores = {}
     with tempfile.TemporaryDirectory(prefix="peftsweep-gate-") as tmp:
         for role, run_id in (("new", new_run_id), ("champion", current.run_id)):
             adapter = client.download_artifacts(run_id, ADAPTER_ARTIFACT, f"{tmp}/{role}")
-            scores[role] = float(evaluate(spec_json, data_dir, adapter)[metric])
+            scores[role] = float(evaluate(spec, data_dir, adapter)[metric])
     margin = spec.search.promotion_margin
     promoted = decide(scores["new"], scores["champion"], direction, margin)
     verb = "beats" if promoted else "does not beat"

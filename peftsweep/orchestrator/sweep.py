@@ -20,6 +20,7 @@ from rich.table import Table
 from peftsweep import cluster, search_spaces
 from peftsweep.orchestrator.priors import search_order
 from peftsweep.orchestrator.status import open_storage
+from peftsweep.orchestrator.trial import TrialPlan
 from peftsweep.spec import MethodSpec, SpecError, SweepSpec
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def check_inputs(spec: SweepSpec) -> dict[str, dict[str, int]]:
     from peftsweep.spec import HUB_MODEL_ID
     from peftsweep.trainables.data import DataError
     from peftsweep.trainables.formats import check_task
-    from peftsweep.trainables.loop import resolve_base_model
+    from peftsweep.trainables.model import resolve_base_model
 
     sources = {"data": spec.data} | ({"forgetting": spec.forgetting} if spec.forgetting else {})
     counts: dict[str, dict[str, int]] = {}
@@ -120,9 +121,12 @@ def check_inputs(spec: SweepSpec) -> dict[str, dict[str, int]]:
 
 
 def _check_resources(spec: SweepSpec) -> None:
+    from peftsweep.orchestrator.trial import executor_for
+
     res = spec.resources
     have = cluster.cluster_resources()
-    need_cpu = res.trial_driver_cpus + res.workers_per_trial * res.cpus_per_worker
+    driver = res.trial_driver_cpus if executor_for(spec) == "train" else 0.0  # inline: trial = worker
+    need_cpu = driver + res.workers_per_trial * res.cpus_per_worker
     need_gpu = res.workers_per_trial * res.gpus_per_worker
     if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
         raise SpecError(
@@ -132,21 +136,54 @@ def _check_resources(spec: SweepSpec) -> None:
         )
 
 
-def _trial_trainable(spec: SweepSpec, method: str, data_dir: Path) -> Any:
-    """The Tune trainable of one method's trials (search and confirmation alike), with its driver's CPUs."""
-    from ray import tune
-
-    from peftsweep.orchestrator.trial import tune_trial
+def _plan(spec: SweepSpec, method: str, data_dir: Path) -> TrialPlan:
+    """What every trial of ``method`` shares, built once on the driver (reliability drills included)."""
     from peftsweep.trainables.faults import faults_from_env
 
-    trainable = tune.with_parameters(
-        tune_trial,
-        spec_json=spec.model_dump(mode="json"),
-        method=method,
-        data_dir=str(data_dir),
-        faults=faults_from_env(),  # reliability drills only; [] unless PEFTSWEEP_FAULTS is set
+    # drills only; () unless PEFTSWEEP_FAULTS is set (tests, fault drills)
+    return TrialPlan(spec, method, data_dir, tuple(faults_from_env()))
+
+
+def _tune_env() -> None:
+    """Tune settings for a sweep: its own progress output instead of Tune's, and no per-result JSON/CSV/
+    TensorBoard files (MLflow is the record; each logger costs driver time on every result)."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing; we show progress
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+def _tuner(
+    spec: SweepSpec,
+    name: str,
+    searcher: Any,
+    scheduler: Any,
+    callbacks: list,
+    num_samples: int,
+    trainable: Any | None = None,
+) -> Any:
+    """A Tuner over this sweep's trials: warm reused actors for inline trials, the executor's checkpoints
+    and retries, ``max_concurrent_trials`` at once."""
+    from ray import tune
+
+    from peftsweep.orchestrator.trial import executor_for, tune_run_config_extras
+    from peftsweep.orchestrator.trial import trainable as trial_trainable
+
+    return tune.Tuner(
+        trainable if trainable is not None else trial_trainable(spec),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=spec.resources.max_concurrent_trials,
+            reuse_actors=executor_for(spec) == "inline",
+        ),
+        run_config=tune.RunConfig(
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(spec.tracking.ray_storage / "tune"),
+            callbacks=callbacks,
+            verbose=0,
+            **tune_run_config_extras(spec),
+        ),
     )
-    return tune.with_resources(trainable, {"cpu": spec.resources.trial_driver_cpus})
 
 
 def _worker_task(spec: SweepSpec, fn: Callable[..., Any]) -> Any:
@@ -206,29 +243,29 @@ def _search_method(
     deadline: float | None = None,
     lr_range: tuple[float, float] | None = None,  # a prior's range instead of the spec's
     points: list[dict] | None = None,  # configurations to try first (Optuna enqueue_trial)
-    trainable: Any | None = None,  # a Tune trainable instead of `_trial_trainable` (bench/ replays a table)
+    trainable: Any | None = None,  # a Tune trainable instead of the trial's (bench/ replays a table)
 ) -> None:
     """One Optuna study (RDB storage) per method, searched by Ray Tune with ASHA among this method only.
 
     ``trainable`` lets benchmarks drive this exact searcher + scheduler with a trainable that reads learning
     curves from a table instead of training; None trains for real.
     """
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing; we show progress
+    _tune_env()
     import optuna
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from peftsweep.orchestrator.budget import BudgetedSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    mspec, search, res = spec.method(method), spec.search, spec.resources
+    mspec, search = spec.method(method), spec.search
     lo, hi = lr_range or (mspec.lr_min, mspec.lr_max)
     space = {"lr": optuna.distributions.FloatDistribution(lo, hi, log=True)}
     if mspec.ranks:  # rank-less methods (IA3, BitFit, full FT, prompt methods) search the LR only
         space["rank"] = optuna.distributions.CategoricalDistribution(mspec.ranks)
     # metric/mode go to the searcher itself: with a fixed space it never reads them from TuneConfig.
     n_startup = min(search.n_startup_trials, search.trials_per_method)
+    plan = _plan(spec, method, data_dir)
     searcher = BudgetedSearch(
         OptunaSearch(
             space,
@@ -241,6 +278,9 @@ def _search_method(
             study_name=f"{spec.name}/{method}",
             storage=open_storage(spec.tracking.optuna_storage_url()),
             points_to_evaluate=points or None,
+        ),
+        build=lambda trial_id, params, index: plan.config(
+            trial_id, params["lr"], params.get("rank", 0), index=index
         ),
         n_startup_trials=n_startup,
         deadline=deadline,
@@ -258,21 +298,8 @@ def _search_method(
         if search.early_stopping == "asha"
         else FIFOScheduler()
     )
-    tuner = tune.Tuner(
-        trainable if trainable is not None else _trial_trainable(spec, method, data_dir),
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=scheduler,
-            num_samples=num_samples or search.trials_per_method,
-            max_concurrent_trials=res.max_concurrent_trials,
-        ),
-        run_config=tune.RunConfig(
-            name=f"{spec.name}-{method}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(spec.tracking.ray_storage / "tune"),
-            callbacks=callbacks,
-            verbose=0,
-        ),
-    )
+    samples = num_samples or search.trials_per_method
+    tuner = _tuner(spec, f"{spec.name}-{method}", searcher, scheduler, callbacks, samples, trainable)
     tuner.fit()
 
 
@@ -286,8 +313,8 @@ def _gate(spec: SweepSpec, tracker: SweepTracker, data_dir: Path) -> Callable[[s
 
     task = _worker_task(spec, evaluate_adapter)
 
-    def evaluate(spec_json: dict, data: str, adapter: str) -> dict[str, float]:
-        return ray.get(task.remote(spec_json, data, adapter))
+    def evaluate(spec: SweepSpec, data: str, adapter: str) -> dict[str, float]:
+        return ray.get(task.remote(spec, data, adapter))
 
     return lambda name, run_id: run_gate(spec, tracker.client, name, run_id, str(data_dir), evaluate)
 
@@ -299,9 +326,8 @@ def _curvatures(spec: SweepSpec, data_dir: Path, console: Console) -> dict[str, 
     from peftsweep.orchestrator.priors import probe_curvature
 
     task = _worker_task(spec, probe_curvature)
-    spec_json = spec.model_dump(mode="json")
     with console.status("probing each method's curvature at init (top Hessian eigenvalue)…"):
-        refs = {m.name: task.remote(spec_json, str(data_dir), m.name) for m in spec.methods}
+        refs = {m.name: task.remote(spec, str(data_dir), m.name) for m in spec.methods}
         values = {name: float(ray.get(ref)) for name, ref in refs.items()}
     console.print("curvature λ_max: " + ", ".join(f"{m} {v:.3g}" for m, v in values.items()))
     return values
@@ -428,32 +454,26 @@ def _confirm_method(
     Runs already done (a resumed sweep) are not repeated. Confirmation trials are Tune trials like the
     search's, recorded with tag ``peftsweep.role=confirm``; Optuna's study sees only the search.
     """
-    from ray import tune
+    from peftsweep.orchestrator.budget import FixedSearch
 
-    from peftsweep.orchestrator.trial import CONFIRM_KEY
-
-    search, res = spec.search, spec.resources
+    search = spec.search
     mine = [t for t in tracker.trials.values() if t.method == method and t.role == "confirm"]
     done = {(t.lr, t.rank, t.seed) for t in mine}
-    grid = [
-        {"lr": lr, "rank": rank, "seed": spec.training.seed + i, "role": "confirm"}
+    points = [
+        {"lr": lr, "rank": rank, "seed": spec.training.seed + i}
         for lr, rank in tracker.top_configs(method, search.confirm_top_k)
         for i in range(1, search.confirm_seeds + 1)
         if (lr, rank, spec.training.seed + i) not in done
     ]
-    if not grid:
+    if not points:
         return
-    tune.Tuner(
-        _trial_trainable(spec, method, data_dir),
-        param_space={CONFIRM_KEY: tune.grid_search(grid)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent_trials),
-        run_config=tune.RunConfig(
-            name=f"{spec.name}-{method}-confirm-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(spec.tracking.ray_storage / "tune"),
-            callbacks=callbacks,
-            verbose=0,
-        ),
-    ).fit()
+    plan = _plan(spec, method, data_dir)
+    searcher = FixedSearch(
+        points,
+        lambda trial_id, p, _index: plan.config(trial_id, p["lr"], p["rank"], seed=p["seed"], role="confirm"),
+    )
+    _tune_env()
+    _tuner(spec, f"{spec.name}-{method}-confirm", searcher, None, callbacks, len(points)).fit()
 
 
 def run_sweep(
@@ -504,10 +524,14 @@ def _run_locked(
     from peftsweep.orchestrator.tracking import SweepTracker, TrialRecorder
 
     data_dir = _prepare(spec, console)
+    from peftsweep.orchestrator.trial import describe
+
     console.print(
         f"[bold]peftsweep[/] {spec.name}: {len(spec.methods)} method(s) × "
         f"{spec.search.trials_per_method} trials → {spec.tracking.root}"
     )
+    names = ", ".join(m.name for m in spec.methods)
+    console.print(f"trials of {names}: {describe(spec)}", highlight=False)
     started = cluster.connect(address)
     tracker = None
     curvature: dict[str, float] = {}

@@ -20,9 +20,18 @@ from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
 
 from peftsweep.orchestrator.redact import RedactingClient
-from peftsweep.orchestrator.trial import prune_finished
+from peftsweep.orchestrator.trial import executor_for, prune_finished
 from peftsweep.spec import SweepSpec
-from peftsweep.vocab import FAILURE_KEY, HOST_KEY, NODE_KEY, STEP, TRAINER_STATE, trial_metric_names
+from peftsweep.trainables.trial_config import TRIAL_KEY, TrialConfig
+from peftsweep.vocab import (
+    CHECKPOINT_PATH_KEY,
+    FAILURE_KEY,
+    HOST_KEY,
+    NODE_KEY,
+    STEP,
+    TRAINER_STATE,
+    trial_metric_names,
+)
 
 if TYPE_CHECKING:
     from peftsweep.orchestrator.promotion import GateDecision
@@ -219,42 +228,43 @@ class SweepTracker:
             tags=[RunTag(k, v) for k, v in tags.items()],
         )
 
-    def start_trial(self, method: str, trial_id: str, config: dict[str, Any]) -> TrialRecord:
-        from peftsweep.orchestrator.trial import flat_config
+    def start_trial(self, trial: TrialConfig) -> TrialRecord:
+        """The trial's MLflow run under its method's run, with the parameters it trains with."""
+        from peftsweep.trainables.engine import engine_for
 
-        config = flat_config(config)
-        mspec = self.spec.method(method)
-        role = str(config.get("role", "search"))
-        seed = int(config.get("seed", self.spec.training.seed))
+        method, mspec = trial.method, self.spec.method(trial.method)
         run_id = self.client.create_run(
             self.experiment_id,
-            run_name=f"{method}-{trial_id}" + (f"-seed{seed}" if role == "confirm" else ""),
+            run_name=f"{method}-{trial.trial_id}" + (f"-seed{trial.seed}" if trial.role == "confirm" else ""),
             tags={
                 "mlflow.parentRunId": self.method_runs[method],
                 LEVEL_TAG: "trial",
                 METHOD_TAG: method,
-                ROLE_TAG: role,
-                "peftsweep.trial_id": trial_id,
+                ROLE_TAG: trial.role,
+                "peftsweep.trial_id": trial.trial_id,
             },
         ).info.run_id
-        rank = int(config.get("rank", 0))  # 0: the method has no rank
         params = {
             "method": method,
-            "lr": config["lr"],
-            "rank": rank,
-            "alpha": rank * mspec.alpha_over_rank,
+            "lr": trial.lr,
+            "rank": trial.rank,  # 0: the method has no rank
+            "alpha": trial.rank * mspec.alpha_over_rank,
             "dropout": mspec.dropout,
             "target_modules": mspec.target_modules,
-            "seed": seed,
+            "seed": trial.seed,
             "max_steps": self.spec.training.max_steps,
             "batch_size": self.spec.training.batch_size,
             "zero_stage": self.spec.resources.zero_stage,
             "workers": self.spec.resources.workers_per_trial,
+            "engine": engine_for(self.spec),
+            "executor": executor_for(self.spec),
             **{f"option.{k}": v for k, v in mspec.options.items()},
         }
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        record = TrialRecord(method, trial_id, run_id, float(config["lr"]), rank, seed=seed, role=role)
-        self.trials[trial_id] = record
+        record = TrialRecord(
+            method, trial.trial_id, run_id, trial.lr, trial.rank, seed=trial.seed, role=trial.role
+        )
+        self.trials[trial.trial_id] = record
         return record
 
     def log_result(self, record: TrialRecord, result: dict[str, Any]) -> None:
@@ -453,7 +463,9 @@ class TrialRecorder(Callback):
         return (_DetachedCallback, ())
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.tracker.start_trial(self.method, trial.trial_id, trial.config)
+        if trial.trial_id in self.tracker.trials:  # Tune restarted it after a crash: the same run goes on
+            return
+        self.tracker.start_trial(trial.config[TRIAL_KEY])
         self.on_change()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -461,19 +473,26 @@ class TrialRecorder(Callback):
         self.on_change()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        record = self.tracker.trials[trial.trial_id]
-        self.tracker.finish_trial(record, (trial.last_result or {}).get("checkpoint_path"))
-        prune_finished(self.tracker.spec, trial.trial_id)  # its adapter is in MLflow now
-        self.on_change()
+        self._finish(trial, error=None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, error=str(trial.get_error() or "trial failed"))
+
+    def _finish(self, trial: Any, error: str | None) -> None:
         record = self.tracker.trials[trial.trial_id]
-        error = trial.get_error()
-        self.tracker.finish_trial(
-            record, (trial.last_result or {}).get("checkpoint_path"), error=str(error or "trial failed")
-        )
-        prune_finished(self.tracker.spec, trial.trial_id)
+        checkpoint = latest_checkpoint(trial)
+        self.tracker.finish_trial(record, str(checkpoint) if checkpoint else None, error=error)
+        prune_finished(checkpoint)  # its adapter is in MLflow now
         self.on_change()
+
+
+def latest_checkpoint(trial: Any) -> Path | None:
+    """A finished Tune trial's latest checkpoint directory: Tune's own (inline trials), or the Ray Train
+    checkpoint `TuneReportCallback` put in its last result (train trials)."""
+    path = (trial.last_result or {}).get(CHECKPOINT_PATH_KEY)
+    if path is None and trial.checkpoint is not None:
+        path = trial.checkpoint.path
+    return Path(path) if path else None
 
 
 class _DetachedCallback(Callback):

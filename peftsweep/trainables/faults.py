@@ -111,45 +111,94 @@ def after_report(fault: Fault | None, step: int) -> None:
     threading.Event().wait()  # hang, forever: only the watchdog gets this worker out
 
 
-class Watchdog:
-    """Kills its own worker process (SIGKILL) when the training loop made no progress for ``timeout_s``.
+class SetupStalled(RuntimeError):
+    """A trial's set-up made no progress for ``resources.setup_timeout_s`` (raised in the trial's thread)."""
 
-    A hung worker (a stuck collective, a deadlocked data loader) never errors, so Ray Train would wait on it
-    forever; a dead one is restarted from the last checkpoint (``FailureConfig``). A thread of the process
-    itself does it, because the driver cannot tell a slow eval from a hang without a heartbeat. The loop
-    beats at each setup stage (base model loaded, adapter applied, engine built), after every optimizer step
-    and after every report; the watch starts at the first beat.
+    reason = "trial set-up made no progress"
+
+    def __init__(self, *args: object) -> None:
+        # Raised asynchronously (the class, not an instance): the message comes from the class attribute.
+        super().__init__(*(args or (self.reason,)))
+
+
+class Watchdog:
+    """Ends a trial that stopped making progress: a stalled set-up fails with its reason, a hung training
+    loop is SIGKILLed so that it restarts from its last checkpoint.
+
+    Why a thread of the trial's own process: a hung worker (a stuck collective, a deadlocked data loader, a
+    lock file nobody will delete) never errors, so Ray would wait on it forever, and the driver cannot tell a
+    slow eval from a hang without a heartbeat. The loop beats at each set-up stage (naming it), after every
+    optimizer step and after every report.
+
+    - Set-up (until `training` is called): after ``setup_timeout_s`` without a beat, `SetupStalled` naming
+      the stage is raised in the trial's thread, so the trial fails with that reason; if the thread is stuck
+      in C code and does not take it within ``grace_s``, the process is killed.
+    - Training: after ``timeout_s`` without a beat the process is SIGKILLed, and the executor restarts it from
+      its last checkpoint like a crashed one.
     """
 
-    def __init__(self, timeout_s: float | None) -> None:
-        self.timeout_s = timeout_s
-        self._last: float | None = None  # not armed before the first beat
+    def __init__(
+        self, timeout_s: float | None, setup_timeout_s: float | None = None, grace_s: float = 30.0
+    ) -> None:
+        self.timeout_s, self.setup_timeout_s, self.grace_s = timeout_s, setup_timeout_s, grace_s
+        self._last = time.monotonic()
+        self._stage = "starting"
+        self._in_setup = True
+        self._raised_at: float | None = None
+        self._target = threading.current_thread()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="peftsweep-watchdog", daemon=True)
 
     def __enter__(self) -> Watchdog:
-        if self.timeout_s is not None:
+        if self.timeout_s is not None or self.setup_timeout_s is not None:
             self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
 
-    def beat(self) -> None:
+    def beat(self, stage: str | None = None) -> None:
+        """Progress; ``stage`` names the set-up stage that starts now (shown if it stalls)."""
         self._last = time.monotonic()
+        if stage is not None:
+            self._stage = stage
+
+    def training(self) -> None:
+        """Set-up is over: from now on the training hang timeout applies."""
+        self._in_setup = False
+        self.beat()
 
     def _watch(self) -> None:
-        assert self.timeout_s is not None
-        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
-            if self._last is None:
-                continue
+        limits = [t for t in (self.timeout_s, self.setup_timeout_s) if t is not None]
+        while not self._stop.wait(min(1.0, min(limits) / 4)):
             silent = time.monotonic() - self._last
-            if silent > self.timeout_s:
-                print(
-                    f"peftsweep watchdog: no progress for {silent:.0f} s (resources.hang_timeout_s = "
-                    f"{self.timeout_s:g}); killing this worker so that Ray Train restarts it from its last "
-                    "checkpoint",
-                    file=sys.stderr,
-                    flush=True,
+            if self._in_setup and self.setup_timeout_s is not None:
+                if self._raised_at is None and silent > self.setup_timeout_s:
+                    self._fail_setup(silent)
+                elif self._raised_at is not None and time.monotonic() - self._raised_at > self.grace_s:
+                    self._kill(
+                        f"set-up stuck at {self._stage!r} did not take the error within {self.grace_s:g} s"
+                    )
+            elif not self._in_setup and self.timeout_s is not None and silent > self.timeout_s:
+                self._kill(
+                    f"no progress for {silent:.0f} s (resources.hang_timeout_s = {self.timeout_s:g}); "
+                    "killing this worker so that it restarts from its last checkpoint"
                 )
-                os.kill(os.getpid(), signal.SIGKILL)
+
+    def _fail_setup(self, silent: float) -> None:
+        import ctypes
+
+        reason = (
+            f"trial set-up made no progress for {silent:.0f} s at stage {self._stage!r} "
+            f"(resources.setup_timeout_s = {self.setup_timeout_s:g})"
+        )
+        print(f"peftsweep watchdog: {reason}", file=sys.stderr, flush=True)
+        stalled = type("SetupStalled", (SetupStalled,), {"reason": reason})
+        ident = self._target.ident
+        if ident is not None:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(stalled))
+        self._raised_at = time.monotonic()
+
+    def _kill(self, why: str) -> None:
+        print(f"peftsweep watchdog: {why}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)

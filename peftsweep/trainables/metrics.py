@@ -17,6 +17,8 @@ from peftsweep.trainables.data import IGNORE_INDEX, _encode, collate
 if TYPE_CHECKING:
     import datasets
 
+    from peftsweep.spec import SweepSpec
+
 
 def evaluate(
     model: Any,
@@ -170,7 +172,7 @@ def _generate(
     return out
 
 
-def evaluate_adapter(spec_json: dict[str, Any], data_dir: str, adapter_dir: str) -> dict[str, float]:
+def evaluate_adapter(spec: SweepSpec, data_dir: str, adapter_dir: str) -> dict[str, float]:
     """Task metrics of a saved adapter on the sweep's held-out data: the test split, else validation.
 
     Why: the champion gate compares a new adapter with the registered champion on the same rows, evaluated
@@ -182,11 +184,9 @@ def evaluate_adapter(spec_json: dict[str, Any], data_dir: str, adapter_dir: str)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftsweep.search_spaces import load_trained
-    from peftsweep.spec import SweepSpec
-    from peftsweep.trainables.loop import hub_options, resolve_base_model
+    from peftsweep.trainables.model import hub_options, resolve_base_model
     from peftsweep.trainables.prepared import load_prepared
 
-    spec = SweepSpec.model_validate(spec_json)
     torch.manual_seed(spec.training.seed)  # sampled evaluation (samples > 1) repeats exactly
     base_path = resolve_base_model(spec.base_model)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **hub_options(spec))

@@ -14,6 +14,7 @@ import json
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,7 @@ def prepare_data(spec: SweepSpec) -> Path:
 
     from peftsweep.trainables.data import DataError, tokenize_for_training
     from peftsweep.trainables.formats import load_task
-    from peftsweep.trainables.loop import hub_options, resolve_base_model
+    from peftsweep.trainables.model import hub_options, resolve_base_model
 
     datasets.disable_progress_bars()  # the CLI shows its own status line; per-split bars are noise
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(spec.base_model), **hub_options(spec))
@@ -87,9 +88,17 @@ def prepare_data(spec: SweepSpec) -> Path:
 
 
 def load_prepared(path: Path) -> PreparedData:
-    """The datasets `prepare_data` wrote (memory-mapped Arrow files: cheap for every worker)."""
+    """The datasets `prepare_data` wrote (memory-mapped Arrow files: cheap for every worker), loaded once per
+    process: a warm trial actor runs many trials on the same prepared directory (its name is the content's
+    fingerprint, so the same path always holds the same data)."""
+    return _load_prepared(str(Path(path).resolve()))
+
+
+@lru_cache(maxsize=2)
+def _load_prepared(location: str) -> PreparedData:
     import datasets
 
+    path = Path(location)
     if not (path / _DONE).is_file():
         raise FileNotFoundError(f"{path}: not a prepared data directory (no {_DONE} marker)")
 

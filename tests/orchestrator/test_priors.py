@@ -52,9 +52,9 @@ def test_curvature_probe_runs_on_the_sweeps_prepared_data(tmp_path: Path) -> Non
         base_dir=tmp_path,
     )
     data_dir = prepare_data(spec)
-    first = probe_curvature(spec.model_dump(mode="json"), str(data_dir), "lora")
+    first = probe_curvature(spec, str(data_dir), "lora")
     assert math.isfinite(first) and first > 0
-    assert probe_curvature(spec.model_dump(mode="json"), str(data_dir), "lora") == first  # seeded
+    assert probe_curvature(spec, str(data_dir), "lora") == first  # seeded
 
 
 class _Tracker:
