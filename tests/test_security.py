@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import time
 from pathlib import Path
 
 import pytest
 
 from peftsweep.spec import parse_spec
-from peftsweep.trainables.loop import _clear_stale_build_locks, hub_options
+from peftsweep.trainables.model import hub_options
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peftsweep"
 
@@ -83,20 +81,3 @@ def test_every_torch_load_is_weights_only() -> None:
         where = f"{path}:{call.lineno}"
         assert flags.get("weights_only") == "True", f"{where}: torch.load without weights_only=True"
     assert not _calls("pickle.load") and not _calls("pickle.loads")
-
-
-def test_a_stale_extension_build_lock_is_cleared_and_a_fresh_one_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A worker SIGKILLed while torch JIT-loads DeepSpeed's op leaves its lock; later trials would hang."""
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
-    fresh = tmp_path / "py311_cpu" / "other_op" / "lock"
-    for lock in (stale, fresh):
-        lock.parent.mkdir(parents=True)
-        lock.touch()
-    an_hour_ago = time.time() - 3600
-    os.utime(stale, (an_hour_ago, an_hour_ago))
-    _clear_stale_build_locks()
-    assert not stale.exists()
-    assert fresh.exists()  # a build in progress in another worker

@@ -178,13 +178,13 @@ class DeepSpeedEngine:
         import deepspeed
 
         init_standalone()  # a no-op inside Ray Train, whose workers already share a process group
-        with deepspeed_ops_lock():
-            self._engine, _, _, _ = deepspeed.initialize(
-                model=model,
-                optimizer=optimizer,
-                lr_scheduler=scheduler,
-                config=deepspeed_config(spec, world_size),
-            )
+        load_deepspeed_ops()
+        self._engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(spec, world_size),
+        )
         self.module = self._engine.module
         self.device = self._engine.device
 
@@ -224,6 +224,20 @@ class DeepSpeedEngine:
         )
         if load_path is None:
             raise RuntimeError(f"{state_dir}: DeepSpeed could not load checkpoint tag {_DS_TAG!r}")
+
+
+def load_deepspeed_ops() -> None:
+    """Load the JIT op DeepSpeed's communication backend loads at `deepspeed.initialize` (its shared-memory
+    all-reduce), inside `deepspeed_ops_lock`, once per process.
+
+    Only the load is locked: `initialize` itself meets the other ranks (the op's shared-memory set-up), so a
+    lock held across it would deadlock them. DeepSpeed caches a loaded op per process (``OpBuilder.
+    _loaded_ops``), so its own call inside `initialize` then returns this one without touching torch's lock.
+    """
+    from deepspeed.comm.torch import build_shm_op
+
+    with deepspeed_ops_lock():
+        build_shm_op()
 
 
 def init_standalone() -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -77,16 +76,6 @@ def faults_from_env(environ: dict[str, str] | None = None) -> list[dict[str, Any
                 f"{FAULTS_ENV}[{i}]: expected {{'method', 'trial', 'kind': one of {_KINDS}, 'step': int}}"
             )
     return rules
-
-
-def trial_index(trial_name: str, trial_dir: str) -> int:
-    """A Tune trial's 0-based creation order within its run, or -1 when unknown.
-
-    Tune's trial ids are random; the order is the counter that starts its experiment tag, which Tune's
-    default trial directory name carries after the trial name (``tune_trial_ab12cd34_3_lr=…``).
-    """
-    match = re.match(re.escape(trial_name) + r"_(\d+)_", os.path.basename(trial_dir.rstrip("/")))
-    return int(match.group(1)) - 1 if match else -1
 
 
 def fault_for(rules: list[dict[str, Any]], method: str, index: int) -> Fault | None:

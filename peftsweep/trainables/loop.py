@@ -198,6 +198,7 @@ def setup(trial: TrialConfig, workdir: Path, watch: Heartbeat) -> Recipe:
     watch.beat("loading the prepared data")
     data, sampler, loader = _data(trial, tokenizer, world, rank_id)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_params = sum(p.numel() for p in trainable)  # before ZeRO-3 partitions them to 0 elements
     optimizer, scheduler = _optimizer(spec, trainable, trial.lr)
     watch.beat("building the engine")
     from peftsweep.trainables.engine import build_engine
@@ -220,7 +221,7 @@ def setup(trial: TrialConfig, workdir: Path, watch: Heartbeat) -> Recipe:
         if spec.training.objective == "gradual"
         else None,
         workdir=workdir,
-        trainable_params=sum(p.numel() for p in trainable),
+        trainable_params=trainable_params,
     )
     return recipe
 

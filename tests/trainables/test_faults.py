@@ -18,7 +18,6 @@ from peftsweep.trainables.faults import (
     after_report,
     fault_for,
     faults_from_env,
-    trial_index,
 )
 
 
@@ -51,13 +50,6 @@ def test_rules_match_method_and_trial_index() -> None:
     assert fault_for(rules[:1], "lora", -1) is None  # unknown order: no targeted rule matches
 
 
-def test_trial_index_is_tunes_creation_counter() -> None:
-    name = "tune_trial_ab12cd34"
-    assert trial_index(name, f"/runs/tune/x/{name}_3_lr=0.001,rank=4_2026-11-24_08-06-10/") == 2
-    assert trial_index(name, f"/runs/tune/x/{name}_12_lr=0.001_2026-11-24_08-06-10") == 11
-    assert trial_index(name, "/runs/tune/x/custom-dirname") == -1
-
-
 def test_crash_fires_only_at_its_step() -> None:
     after_report(Fault("crash", 5), 4)
     after_report(None, 5)
@@ -75,7 +67,7 @@ def test_watchdog_kills_a_silent_process() -> None:
     proc = _child(
         """
         with Watchdog(1.0) as dog:
-            dog.beat()
+            dog.training()
             time.sleep(30)
         """
     )
@@ -84,14 +76,53 @@ def test_watchdog_kills_a_silent_process() -> None:
     assert time.monotonic() - t0 < 20
 
 
-def test_watchdog_spares_a_beating_process_and_waits_for_its_first_beat() -> None:
+def test_watchdog_spares_a_beating_process_and_leaves_set_up_to_its_own_limit() -> None:
     proc = _child(
         """
-        with Watchdog(1.0) as dog:
-            time.sleep(2.5)  # setup (e.g. loading a base model): not watched yet
+        with Watchdog(1.0, setup_timeout_s=None) as dog:
+            time.sleep(2.5)  # set-up (e.g. loading a base model): the training hang limit does not apply
+            dog.training()
             for _ in range(10):
                 dog.beat()
                 time.sleep(0.25)
+        print("done")
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "done"
+
+
+def test_a_stalled_set_up_fails_with_its_stage_named() -> None:
+    """A set-up that waits forever (like torch's loader on a lock nobody will delete: a Python sleep loop)
+    gets SetupStalled naming the stage after setup_timeout_s, instead of waiting for the hang limit."""
+    proc = _child(
+        """
+        from peftsweep.trainables.faults import SetupStalled
+        t0 = time.monotonic()
+        try:
+            with Watchdog(3600.0, setup_timeout_s=1.0) as dog:
+                dog.beat("loading DeepSpeed's ops")
+                while True:  # what FileBaton.wait does
+                    time.sleep(0.1)
+        except SetupStalled as exc:
+            print(f"{time.monotonic() - t0:.1f}|{exc}")
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    seconds, message = proc.stdout.strip().split("|")
+    assert 1.0 <= float(seconds) < 10.0
+    assert "loading DeepSpeed's ops" in message and "setup_timeout_s" in message
+
+
+def test_set_up_progress_keeps_the_set_up_watchdog_quiet() -> None:
+    proc = _child(
+        """
+        with Watchdog(3600.0, setup_timeout_s=1.0) as dog:
+            for stage in range(8):
+                dog.beat(f"stage {stage}")
+                time.sleep(0.4)
+            dog.training()
+            time.sleep(1.5)  # training: only the hour-long hang limit applies now
         print("done")
         """
     )

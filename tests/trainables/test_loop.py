@@ -5,28 +5,29 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from peftsweep.spec import SweepSpec, parse_spec
-from peftsweep.trainables.loop import (
-    TRAINER_STATE,
-    deepspeed_config,
-    init_standalone,
-    run_trial,
-    train_loop_per_worker,
-)
+from peftsweep.trainables.engine import deepspeed_config
+from peftsweep.trainables.executors import train_loop_per_worker
+from peftsweep.trainables.faults import Fault
+from peftsweep.trainables.loop import run_trial
+from peftsweep.trainables.trial_config import TRIAL_KEY, standalone_trial
+from peftsweep.vocab import TRAINER_STATE
 
 
-def _spec(tmp_path: Path, **training: object) -> SweepSpec:
+def _spec(tmp_path: Path, workers: int = 1, **training: object) -> SweepSpec:
     return parse_spec(
         {
             "name": "loop",
             "methods": ["lora"],
             "training": {"max_steps": 20, "eval_every": 10, **training},
             "data": {"max_eval_examples": 32},
-            "resources": {"zero_stage": 2},
+            "resources": {"zero_stage": 2, "workers_per_trial": workers},
+            "tracking": {"root": str(tmp_path / "runs")},
         },
         base_dir=tmp_path,
     )
@@ -46,13 +47,10 @@ def test_two_workers_per_trial_train_and_checkpoint(ray_session: None, tmp_path:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    spec = _spec(tmp_path)
+    spec = _spec(tmp_path, workers=2)  # engine auto: DeepSpeed ZeRO-2 across the two workers
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            **{"method": "lora", "lr": 5e-3, "rank": 4, "seed": 0},
-        },
+        train_loop_config={TRIAL_KEY: standalone_trial(spec, "lora", 5e-3, 4, 0)},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.45}),
         run_config=ray.train.RunConfig(name="two-workers", storage_path=str(tmp_path / "ray")),
     )
@@ -63,7 +61,7 @@ def test_two_workers_per_trial_train_and_checkpoint(ray_session: None, tmp_path:
     assert {"adapter_config.json", "adapter_model.safetensors", TRAINER_STATE} <= files
     # Both ranks' resume shards were merged into the one checkpoint directory.
     state = {p.name for p in (Path(result.checkpoint.path) / TRAINER_STATE).iterdir()}
-    assert {"rank0.pt", "rank1.pt", "progress.json"} <= state
+    assert {"rank0.pt", "rank1.pt", "progress.json", "state"} <= state  # "state": DeepSpeed's shards
 
 
 def test_a_crashed_worker_group_resumes_from_its_last_checkpoint(ray_session: None, tmp_path: Path) -> None:
@@ -72,12 +70,11 @@ def test_a_crashed_worker_group_resumes_from_its_last_checkpoint(ray_session: No
     from ray.train.torch import TorchTrainer
 
     spec = _spec(tmp_path)
+    trial = standalone_trial(spec, "lora", 5e-3, 4, 0)
+    trial = replace(trial, fault=Fault("crash", 10, marker=str(tmp_path / "fired")))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            **{"method": "lora", "lr": 5e-3, "rank": 4, "seed": 0, "fault": {"kind": "crash", "step": 10}},
-        },
+        train_loop_config={TRIAL_KEY: trial},
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.45}),
         run_config=ray.train.RunConfig(
             name="restart",
@@ -93,10 +90,12 @@ def test_a_crashed_worker_group_resumes_from_its_last_checkpoint(ray_session: No
 
 def test_divergence_guard_reports_worst_score_and_stops(tmp_path: Path) -> None:
     """A loss above divergence_factor × the first loss ends the trial at once with the worst score."""
-    init_standalone()
     spec = _spec(tmp_path, divergence_factor=0.5)  # any step-1 loss exceeds half of itself
     reports: list[tuple[dict, Path | None]] = []
-    run_trial(spec, "lora", 1e-3, 4, 0, lambda metrics, adapter: reports.append((metrics, adapter)))
+    run_trial(
+        standalone_trial(spec, "lora", 1e-3, 4, 0),
+        lambda metrics, adapter: reports.append((metrics, adapter)),
+    )
     assert len(reports) == 1
     metrics, adapter = reports[0]
     assert metrics["diverged"] == 1.0 and metrics["step"] == 1
@@ -104,14 +103,13 @@ def test_divergence_guard_reports_worst_score_and_stops(tmp_path: Path) -> None:
 
 
 def test_standalone_trial_reports_every_eval_point_with_an_adapter(tmp_path: Path) -> None:
-    init_standalone()
     spec = _spec(tmp_path)
     reports: list[tuple[dict, list[str]]] = []
 
     def record(metrics: dict, adapter: Path | None) -> None:
         reports.append((metrics, sorted(p.name for p in adapter.iterdir()) if adapter else []))
 
-    run_trial(spec, "lora", 1e-2, 4, 0, record)
+    run_trial(standalone_trial(spec, "lora", 1e-2, 4, 0), record)
     assert [m["step"] for m, _ in reports] == [10, 20]
     assert all("adapter_model.safetensors" in files for _, files in reports)
     assert reports[-1][0]["train_loss"] < reports[0][0]["train_loss"]  # it learns
@@ -119,7 +117,6 @@ def test_standalone_trial_reports_every_eval_point_with_an_adapter(tmp_path: Pat
 
 def _run(spec: SweepSpec, tmp_path: Path, name: str, **kwargs: object) -> tuple[list[dict], list[Path]]:
     """Run a standalone trial; keep a copy of every checkpoint (the loop deletes its own after reporting)."""
-    init_standalone()
     reports: list[dict] = []
     copies: list[Path] = []
 
@@ -128,7 +125,7 @@ def _run(spec: SweepSpec, tmp_path: Path, name: str, **kwargs: object) -> tuple[
         if ckpt is not None:
             copies.append(Path(shutil.copytree(ckpt, tmp_path / f"{name}-{metrics['step']}")))
 
-    run_trial(spec, "lora", kwargs.pop("lr", 1e-2), 4, 0, record, **kwargs)  # type: ignore[arg-type]
+    run_trial(standalone_trial(spec, "lora", kwargs.pop("lr", 1e-2), 4, 0), record, **kwargs)  # type: ignore[arg-type]
     return reports, copies
 
 
@@ -136,11 +133,14 @@ def _history(ckpt: Path) -> list[float]:
     return json.loads((ckpt / TRAINER_STATE / "progress.json").read_text())["history"]
 
 
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
 @pytest.mark.parametrize("optimizer", ["adamw", "sl_sam"])
-def test_resuming_from_a_checkpoint_continues_the_same_loss_curve(optimizer: str, tmp_path: Path) -> None:
+def test_resuming_from_a_checkpoint_continues_the_same_loss_curve(
+    optimizer: str, engine: str, tmp_path: Path
+) -> None:
     """Stop-and-resume at step 10 gives the uninterrupted run's losses (dropout RNG, data order, optimizer
-    moments, LR schedule and the SL-SAM bandit all restored)."""
-    spec = _spec(tmp_path, optimizer=optimizer)
+    moments, LR schedule and the SL-SAM bandit all restored), on both engines."""
+    spec = _spec(tmp_path, optimizer=optimizer, engine=engine)
     spec = spec.model_copy(update={"methods": [spec.methods[0].model_copy(update={"dropout": 0.1})]})
     full, ckpts = _run(spec, tmp_path, "full")
     resumed, again = _run(spec, tmp_path, "resumed", resume_from=ckpts[0])
@@ -151,11 +151,14 @@ def test_resuming_from_a_checkpoint_continues_the_same_loss_curve(optimizer: str
     assert _history(ckpts[-1])[10:] != pytest.approx(_history(ckpts[-1])[:10], rel=1e-3)
 
 
-def test_gradient_accumulation_reaches_the_global_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_gradient_accumulation_reaches_the_global_batch(engine: str, tmp_path: Path) -> None:
     """2 micro-batches of 16 accumulate to the same steps as one batch of 32 (arith-sub answers all have
     the same token count, so the per-token mean loss is identical)."""
-    big, big_ckpts = _run(_spec(tmp_path, batch_size=32), tmp_path, "big")
-    acc, acc_ckpts = _run(_spec(tmp_path, batch_size=16, global_batch_size=32), tmp_path, "acc")
+    big, big_ckpts = _run(_spec(tmp_path, batch_size=32, engine=engine), tmp_path, "big")
+    acc, acc_ckpts = _run(
+        _spec(tmp_path, batch_size=16, global_batch_size=32, engine=engine), tmp_path, "acc"
+    )
     assert [r["step"] for r in acc] == [10, 20]
     assert _history(acc_ckpts[-1]) == pytest.approx(_history(big_ckpts[-1]), rel=1e-4)
     assert (
@@ -164,7 +167,8 @@ def test_gradient_accumulation_reaches_the_global_batch(tmp_path: Path) -> None:
     )
 
 
-def test_forgetting_check_gradual_objective_and_test_split_are_reported(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_forgetting_check_gradual_objective_and_test_split_are_reported(engine: str, tmp_path: Path) -> None:
     from peftsweep.trainables.builtin import builtin_task_dir
 
     one_file = tmp_path / "sub.jsonl"  # a single file: split 80/10/10 by data.split
@@ -181,6 +185,7 @@ def test_forgetting_check_gradual_objective_and_test_split_are_reported(tmp_path
                 "eval_every": 5,
                 "objective": "gradual",
                 "gradual": {"tau0": 0.2, "anneal_fraction": 1.0},
+                "engine": engine,
             },
             "forgetting": {"task": "builtin:arith-add", "max_examples": 32, "max_increase": 1e-9},
             "search": {"metric": "exact_match"},
@@ -202,17 +207,34 @@ def _cpu_methods() -> list[str]:
     return [n for n in search_spaces.method_names() if not search_spaces.get_method(n).requires_cuda]
 
 
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_torch_and_deepspeed_engines_train_the_same_losses(zero_stage: int, tmp_path: Path) -> None:
+    """At world size 1 plain torch AdamW and DeepSpeed (ZeRO-0/2) take the same 20 steps to 1e-5: the
+    engine choice (training.engine: auto → torch there) changes speed, not results."""
+    torch_run, torch_ckpts = _run(_spec(tmp_path, engine="torch"), tmp_path, "torch", lr=5e-3)
+    ds_spec = _spec(tmp_path, engine="deepspeed")
+    ds_spec = ds_spec.model_copy(
+        update={"resources": ds_spec.resources.model_copy(update={"zero_stage": zero_stage})}
+    )
+    ds_run, ds_ckpts = _run(ds_spec, tmp_path, f"ds{zero_stage}", lr=5e-3)
+    assert len(_history(torch_ckpts[-1])) == 20
+    assert _history(torch_ckpts[-1]) == pytest.approx(_history(ds_ckpts[-1]), rel=1e-5, abs=1e-6)
+    assert torch_run[-1]["eval_loss"] == pytest.approx(ds_run[-1]["eval_loss"], rel=1e-5)
+    engines = {json.loads((c / TRAINER_STATE / "progress.json").read_text())["engine"] for c in ds_ckpts}
+    assert engines == {"deepspeed"}
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(
-    ("method", "zero_stage"),
-    [(m, 0) for m in _cpu_methods()]  # AdaLoRA's cap; every method runs at 0
+    ("method", "engine", "zero_stage"),
+    [(m, e, 0) for e in ("torch", "deepspeed") for m in _cpu_methods()]  # AdaLoRA's cap; every method at 0
     # SVD inits see the whole weights (the base is loaded unsharded), then ZeRO-3 shards them.
-    + [("pissa", 3), ("milora", 3)],
+    + [("pissa", "deepspeed", 3), ("milora", "deepspeed", 3)],
 )
 def test_every_cpu_method_runs_in_the_real_loop_and_reloads(
-    method: str, zero_stage: int, tmp_path: Path
+    method: str, engine: str, zero_stage: int, tmp_path: Path
 ) -> None:
-    """DeepSpeed engine, the method's hooks, greedy eval and export → load_trained, for every method."""
+    """Both engines, the method's hooks, greedy eval and export → load_trained, for every method."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftsweep.search_spaces import load_trained
@@ -220,12 +242,11 @@ def test_every_cpu_method_runs_in_the_real_loop_and_reloads(
     from peftsweep.trainables.data import load_split
     from peftsweep.trainables.metrics import evaluate
 
-    init_standalone()
     spec = parse_spec(
         {
             "name": "loop",
             "methods": [method],
-            "training": {"max_steps": 8, "eval_every": 8},
+            "training": {"max_steps": 8, "eval_every": 8, "engine": engine},
             "data": {"max_eval_examples": 16},
             "resources": {"zero_stage": zero_stage},
         },
@@ -240,7 +261,7 @@ def test_every_cpu_method_runs_in_the_real_loop_and_reloads(
         shutil.copytree(adapter, saved, ignore=shutil.ignore_patterns(TRAINER_STATE))
 
     reports: list[dict] = []
-    run_trial(spec, method, lr, rank, 0, record)
+    run_trial(standalone_trial(spec, method, lr, rank, 0), record)
     (metrics,) = reports
     assert metrics["step"] == 8 and metrics["trainable_params"] > 0 and metrics["adapter_bytes"] > 0
     model = load_trained(AutoModelForCausalLM.from_pretrained(builtin_model_dir()), saved)
