@@ -29,12 +29,14 @@ class BudgetedSearch(Searcher):
         searcher: Any,
         *,
         build: Build,
+        max_trials: int,
         n_startup_trials: int,
         deadline: float | None = None,  # time.monotonic() after which no trial starts
         trial_seconds: float | None = None,  # summed trial durations after which no trial starts
     ) -> None:
         self.searcher = searcher
         self.build = build
+        self.max_trials = max_trials
         self.created = 0  # trials suggested so far (a trial's creation index picks its reliability drill)
         self.n_startup_trials = n_startup_trials
         self.deadline = deadline
@@ -61,6 +63,8 @@ class BudgetedSearch(Searcher):
         return len(finished), len(running)
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        if self.created >= self.max_trials:
+            return Searcher.FINISHED
         if self.deadline is not None and time.monotonic() >= self.deadline:
             self.stopped_by = "wall time"
             return Searcher.FINISHED

@@ -17,13 +17,13 @@ from peftsweep.spec import SweepSpec
 class SweepProgress:
     def __init__(self, spec: SweepSpec, tracker: SweepTracker) -> None:
         self.spec, self.tracker = spec, tracker
-        self.running: str | None = None
         self.live: Any = None
         self._announced: set[str] = set(tracker.trials)  # a resumed sweep's finished trials: said before
 
     def table(self) -> Table:
         metric = self.spec.search.metric
-        table = Table(title=f"{self.spec.name}: searching {self.running or '-'}", show_edge=False)
+        busy = sorted({t.method for t in self.tracker.trials.values() if t.status == "running"})
+        table = Table(title=f"{self.spec.name}: running {', '.join(busy) or '-'}", show_edge=False)
         for col in (
             "method",
             "done",

@@ -26,6 +26,7 @@ from peftsweep.spec import MethodSpec, SpecError, SweepSpec
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from peftsweep.orchestrator.methods import MethodRun
     from peftsweep.orchestrator.promotion import GateDecision
     from peftsweep.orchestrator.tracking import SweepTracker
 
@@ -151,41 +152,6 @@ def _tune_env() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
-def _tuner(
-    spec: SweepSpec,
-    name: str,
-    searcher: Any,
-    scheduler: Any,
-    callbacks: list,
-    num_samples: int,
-    trainable: Any | None = None,
-) -> Any:
-    """A Tuner over this sweep's trials: warm reused actors for inline trials, the executor's checkpoints
-    and retries, ``max_concurrent_trials`` at once."""
-    from ray import tune
-
-    from peftsweep.orchestrator.trial import executor_for, tune_run_config_extras
-    from peftsweep.orchestrator.trial import trainable as trial_trainable
-
-    return tune.Tuner(
-        trainable if trainable is not None else trial_trainable(spec),
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=scheduler,
-            num_samples=num_samples,
-            max_concurrent_trials=spec.resources.max_concurrent_trials,
-            reuse_actors=executor_for(spec) == "inline",
-        ),
-        run_config=tune.RunConfig(
-            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(spec.tracking.ray_storage / "tune"),
-            callbacks=callbacks,
-            verbose=0,
-            **tune_run_config_extras(spec),
-        ),
-    )
-
-
 def _worker_task(spec: SweepSpec, fn: Callable[..., Any]) -> Any:
     """``fn`` as a Ray task sized like one trial worker (its GPU too), so driver-side model work stays off
     the driver."""
@@ -234,25 +200,18 @@ def reconcile_study(spec: SweepSpec, method: str, tracker: SweepTracker) -> tupl
     return len(study.get_trials(deepcopy=False, states=done)), rerun
 
 
-def _search_method(
+def method_searcher(
     spec: SweepSpec,
     method: str,
-    callbacks: list,
     data_dir: Path,
-    num_samples: int | None = None,
+    trials: int,
     deadline: float | None = None,
     lr_range: tuple[float, float] | None = None,  # a prior's range instead of the spec's
     points: list[dict] | None = None,  # configurations to try first (Optuna enqueue_trial)
-    trainable: Any | None = None,  # a Tune trainable instead of the trial's (bench/ replays a table)
-) -> None:
-    """One Optuna study (RDB storage) per method, searched by Ray Tune with ASHA among this method only.
-
-    ``trainable`` lets benchmarks drive this exact searcher + scheduler with a trainable that reads learning
-    curves from a table instead of training; None trains for real.
-    """
-    _tune_env()
+) -> Any:
+    """The method's search: its own Optuna study (RDB storage) behind OptunaSearch, with the budget of
+    ``trials`` new trials (and the sweep's wall-time and trial-seconds budgets)."""
     import optuna
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from peftsweep.orchestrator.budget import BudgetedSearch
@@ -266,7 +225,7 @@ def _search_method(
     # metric/mode go to the searcher itself: with a fixed space it never reads them from TuneConfig.
     n_startup = min(search.n_startup_trials, search.trials_per_method)
     plan = _plan(spec, method, data_dir)
-    searcher = BudgetedSearch(
+    return BudgetedSearch(
         OptunaSearch(
             space,
             metric=search.metric,
@@ -282,25 +241,68 @@ def _search_method(
         build=lambda trial_id, params, index: plan.config(
             trial_id, params["lr"], params.get("rank", 0), index=index
         ),
+        max_trials=trials,
         n_startup_trials=n_startup,
         deadline=deadline,
         trial_seconds=search.max_trial_seconds_per_method,
     )
-    scheduler = (
-        ASHAScheduler(
-            time_attr="step",
-            metric=search.metric,
-            mode=search.direction,
-            max_t=spec.training.max_steps,
-            grace_period=spec.training.eval_every * search.grace_period_evals,
-            reduction_factor=search.reduction_factor,
-        )
-        if search.early_stopping == "asha"
-        else FIFOScheduler()
+
+
+def method_scheduler(spec: SweepSpec) -> Any:
+    """A method's early stopping (ASHA on the search metric at eval points), or none."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    search = spec.search
+    if search.early_stopping != "asha":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="step",
+        metric=search.metric,
+        mode=search.direction,
+        max_t=spec.training.max_steps,
+        grace_period=spec.training.eval_every * search.grace_period_evals,
+        reduction_factor=search.reduction_factor,
     )
-    samples = num_samples or search.trials_per_method
-    tuner = _tuner(spec, f"{spec.name}-{method}", searcher, scheduler, callbacks, samples, trainable)
-    tuner.fit()
+
+
+def run_methods(
+    spec: SweepSpec,
+    runs: list[MethodRun],
+    callbacks: list,
+    on_done: Callable[[str], None] = lambda _m: None,
+    trainable: Any | None = None,  # a Tune trainable instead of the trial's (bench/ replays a table)
+) -> None:
+    """Every method's search and confirmation in one Tune run (`methods.py`): warm reused actors for inline
+    trials, each method's own searcher and early stopping, ``max_concurrent_trials`` at once.
+
+    ``trainable`` lets benchmarks drive this exact searcher + scheduler with a trainable that reads learning
+    curves from a table instead of training; None trains for real.
+    """
+    from ray import tune
+
+    from peftsweep.orchestrator.methods import SweepScheduler, SweepSearch
+    from peftsweep.orchestrator.trial import executor_for, tune_run_config_extras
+    from peftsweep.orchestrator.trial import trainable as trial_trainable
+
+    _tune_env()
+    tune.Tuner(
+        trainable if trainable is not None else trial_trainable(spec),
+        tune_config=tune.TuneConfig(
+            search_alg=SweepSearch(runs, on_done),
+            scheduler=SweepScheduler(lambda _method: method_scheduler(spec)),
+            num_samples=-1,  # the searcher's budgets decide; it says FINISHED when every method is done
+            max_concurrent_trials=spec.resources.max_concurrent_trials,
+            reuse_actors=executor_for(spec) == "inline",
+            trial_dirname_creator=lambda trial: f"{trial.trainable_name}_{trial.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(spec.tracking.ray_storage / "tune"),
+            callbacks=callbacks,
+            verbose=0,
+            **tune_run_config_extras(spec),
+        ),
+    ).fit()
 
 
 def _gate(spec: SweepSpec, tracker: SweepTracker, data_dir: Path) -> Callable[[str, str], GateDecision]:
@@ -418,16 +420,6 @@ def _disk_usage(spec: SweepSpec) -> str:
     )
 
 
-def _method_deadline(spec: SweepSpec, t0: float, methods_left: int) -> float | None:
-    """This method's slice of the sweep's wall-time budget: an even share of what is left, so a slow early
-    method cannot starve the later ones."""
-    total = spec.search.max_wall_time_s
-    if total is None:
-        return None
-    now = time.monotonic()
-    return now + max(0.0, t0 + total - now) / methods_left
-
-
 def _prepare(spec: SweepSpec, console: Console) -> Path:
     """Tokenize the data once for the whole sweep (cached across runs of the same spec and files)."""
     from peftsweep.trainables.data import DataError
@@ -446,10 +438,8 @@ def _prepare(spec: SweepSpec, console: Console) -> Path:
     return data_dir
 
 
-def _confirm_method(
-    spec: SweepSpec, method: str, tracker: SweepTracker, callbacks: list, data_dir: Path
-) -> None:
-    """Re-run the method's top configurations with extra seeds (a fixed grid, no searcher, no early stop).
+def confirm_searcher(spec: SweepSpec, method: str, tracker: SweepTracker, data_dir: Path) -> Any:
+    """The method's top configurations re-run with extra seeds (a fixed list, no early stopping), or None.
 
     Runs already done (a resumed sweep) are not repeated. Confirmation trials are Tune trials like the
     search's, recorded with tag ``peftsweep.role=confirm``; Optuna's study sees only the search.
@@ -466,14 +456,12 @@ def _confirm_method(
         if (lr, rank, spec.training.seed + i) not in done
     ]
     if not points:
-        return
+        return None
     plan = _plan(spec, method, data_dir)
-    searcher = FixedSearch(
+    return FixedSearch(
         points,
         lambda trial_id, p, _index: plan.config(trial_id, p["lr"], p["rank"], seed=p["seed"], role="confirm"),
     )
-    _tune_env()
-    _tuner(spec, f"{spec.name}-{method}-confirm", searcher, None, callbacks, len(points)).fit()
 
 
 def run_sweep(
@@ -509,6 +497,49 @@ def run_sweep(
     tags = {NIGHTLY_TAG: datetime.now(UTC).date().isoformat()} if nightly else None
     with sweep_lock(spec, warn=lambda line: console.print(f"[yellow]{escape(line)}[/]", highlight=False)):
         return _run_locked(spec, address, console, resume, tags, t0)
+
+
+def _method_runs(
+    spec: SweepSpec,
+    data_dir: Path,
+    tracker: SweepTracker,
+    resume: bool,
+    curvature: dict[str, float],
+    t0: float,
+) -> list[MethodRun]:
+    """Each method's part of the one Tune run: its search (budget left, LR prior, killed configurations
+    first on resume) and its confirmation, started when their inputs are known."""
+    from peftsweep.orchestrator.methods import MethodRun
+    from peftsweep.orchestrator.priors import reference_method
+
+    total = spec.search.max_wall_time_s
+    deadline = t0 + total if total is not None else None
+    reference = reference_method(spec) if spec.search.lr_prior != "none" else None
+
+    def start_search(method: str) -> Any:
+        done, rerun = reconcile_study(spec, method, tracker) if resume else (0, [])
+        left = spec.search.trials_per_method - done
+        if left <= 0:
+            return None
+        finished = [m for m in search_order(spec) if tracker.method_score(m.name) is not None]
+        lr_range, points = _prior(spec, method, finished, tracker, curvature)
+        points = (rerun + (points or []))[:left] or None  # killed configurations first
+        return method_searcher(spec, method, data_dir, left, deadline, lr_range, points)
+
+    def start_confirm(method: str) -> Any:
+        return confirm_searcher(spec, method, tracker, data_dir) if spec.search.confirm_seeds else None
+
+    for mspec in spec.methods:
+        tracker.start_method(mspec.name)
+    return [
+        MethodRun(
+            m.name,
+            start_search=lambda name=m.name: start_search(name),
+            start_confirm=lambda name=m.name: start_confirm(name),
+            after=reference if reference not in (None, m.name) else None,
+        )
+        for m in search_order(spec)
+    ]
 
 
 def _run_locked(
@@ -549,25 +580,10 @@ def _run_locked(
         progress = SweepProgress(spec, tracker)
         with Live(progress.table(), console=console, refresh_per_second=2) as live:
             progress.live = live
-            order = search_order(spec)
             curvature = _curvatures(spec, data_dir, console) if spec.search.lr_prior != "none" else {}
-            for index, mspec in enumerate(order):
-                tracker.start_method(mspec.name)
-                progress.running = mspec.name
-                live.update(progress.table())
-                done, rerun = reconcile_study(spec, mspec.name, tracker) if resume else (0, [])
-                left = spec.search.trials_per_method - done
-                if left > 0:
-                    recorder = TrialRecorder(tracker, mspec.name, progress.update)
-                    deadline = _method_deadline(spec, t0, len(order) - index)
-                    lr_range, points = _prior(spec, mspec.name, order[:index], tracker, curvature)
-                    points = (rerun + (points or []))[:left] or None  # killed configurations first
-                    _search_method(spec, mspec.name, [recorder], data_dir, left, deadline, lr_range, points)
-                if spec.search.confirm_seeds:
-                    recorder = TrialRecorder(tracker, mspec.name, progress.update)
-                    _confirm_method(spec, mspec.name, tracker, [recorder], data_dir)
-                tracker.finish_method(mspec.name)
-            progress.running = None
+            runs = _method_runs(spec, data_dir, tracker, resume, curvature, t0)
+            recorder = TrialRecorder(tracker, progress.update)
+            run_methods(spec, runs, [recorder], on_done=tracker.finish_method)
             live.update(progress.table())
         console.print()
         bests = {m.name: b for m in spec.methods if (b := tracker.best_trial(m.name)) is not None}

@@ -453,8 +453,8 @@ class SweepTracker:
 class TrialRecorder(Callback):
     """Tune callback on the driver: each Tune trial becomes an MLflow run under its method's run."""
 
-    def __init__(self, tracker: SweepTracker, method: str, on_change: Any = None) -> None:
-        self.tracker, self.method = tracker, method
+    def __init__(self, tracker: SweepTracker, on_change: Any = None) -> None:
+        self.tracker = tracker
         self.on_change = on_change or (lambda: None)
 
     def __reduce__(self) -> tuple:

@@ -1,0 +1,194 @@
+"""Every method's search in one Tune run: a searcher and a scheduler that keep each method's own.
+
+Why one Tune run for the whole sweep: methods searched one after another leave slots idle at every method's
+end and, with the inline executor, start fresh trial actors for every method; one run keeps its actors warm
+for the whole sweep and lets a slot freed by one method go to whichever method has work left (issues 17, 21).
+Fairness is kept where it matters: each method has its own Optuna study (its own searcher), its own budget,
+and its own early-stopping scheduler, so a method's trials are only ever compared with that method's.
+
+A method goes through phases: ``waiting`` (its LR prior needs another method's result first), ``search``
+(its Optuna study's trials), ``confirm`` (its top configurations re-run with extra seeds) and ``done``. The
+driver supplies the per-method parts as callables; this module only routes and schedules.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from peftsweep.trainables.trial_config import TRIAL_KEY
+
+Phase = Literal["waiting", "search", "confirm", "done"]
+
+
+@dataclass
+class MethodRun:
+    """One method's part of the sweep."""
+
+    name: str
+    # builds the method's search searcher when its search may start (its prior's inputs are known)
+    start_search: Callable[[], Searcher | None]
+    # builds its confirmation searcher once the search is over (None: nothing to confirm)
+    start_confirm: Callable[[], Searcher | None]
+    after: str | None = None  # a method whose whole run must be done first (the LR prior's reference)
+    phase: Phase = "waiting"
+    searcher: Searcher | None = None
+    running: set[str] = field(default_factory=set)
+    launched: int = 0
+    searcher_finished: bool = False  # the phase's searcher said FINISHED (its running trials may go on)
+
+
+class SweepSearch(Searcher):
+    """Suggests the next trial of whichever method has work left, fewest trials in flight first."""
+
+    def __init__(self, methods: list[MethodRun], on_done: Callable[[str], None] = lambda _m: None) -> None:
+        super().__init__()
+        self.methods = {m.name: m for m in methods}
+        self.order = [m.name for m in methods]
+        self.on_done = on_done
+        self.owner: dict[str, str] = {}  # trial id -> method
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True  # each method's searcher was built with its own metric, mode and space
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        return True  # Tune's max_concurrent_trials bounds the sweep; each method is free within it
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        self._advance_all()
+        for method in sorted(self._active(), key=self._priority):
+            config = self._suggest(method, trial_id)
+            if config is not None:
+                return config
+        return Searcher.FINISHED if all(m.phase == "done" for m in self.methods.values()) else None
+
+    def _active(self) -> list[MethodRun]:
+        phases = ("search", "confirm")
+        return [m for m in self.methods.values() if m.phase in phases and not m.searcher_finished]
+
+    def _priority(self, method: MethodRun) -> tuple[int, int, int]:
+        """Fewest trials in flight, then fewest launched, then spec order: every method gets slots."""
+        return (len(method.running), method.launched, self.order.index(method.name))
+
+    def _suggest(self, method: MethodRun, trial_id: str) -> dict | None:
+        assert method.searcher is not None
+        config = method.searcher.suggest(trial_id)
+        if config == Searcher.FINISHED:
+            method.searcher_finished = True
+            self._advance(method)
+            return None
+        if not isinstance(config, dict):
+            return None  # the method's searcher waits (e.g. its start-up trials are still running)
+        self.owner[trial_id] = method.name
+        method.running.add(trial_id)
+        method.launched += 1
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        method = self._method_of(trial_id)
+        if method is not None and method.searcher is not None:
+            method.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        method = self._method_of(trial_id)
+        if method is None:
+            return
+        if method.searcher is not None and trial_id in method.running:
+            method.searcher.on_trial_complete(trial_id, result=result, error=error)
+        method.running.discard(trial_id)
+        self._advance(method)
+
+    def _method_of(self, trial_id: str) -> MethodRun | None:
+        name = self.owner.get(trial_id)
+        return self.methods.get(name) if name else None
+
+    def _advance_all(self) -> None:
+        for method in self.methods.values():
+            self._advance(method)
+
+    def _advance(self, method: MethodRun) -> None:
+        """Move a method to its next phase when its current one is over (repeatedly: a phase may be empty)."""
+        while True:
+            if method.phase == "waiting":
+                before = self.methods.get(method.after) if method.after else None
+                if before is not None and before.phase != "done":
+                    return
+                self._enter(method, "search", method.start_search)
+            elif method.phase in ("search", "confirm") and method.searcher_finished and not method.running:
+                if method.phase == "search":
+                    self._enter(method, "confirm", method.start_confirm)
+                else:
+                    method.phase = "done"
+                    self.on_done(method.name)
+            else:
+                return
+
+    def _enter(self, method: MethodRun, phase: Phase, start: Callable[[], Searcher | None]) -> None:
+        method.phase, method.searcher = phase, start()
+        method.searcher_finished = method.searcher is None  # nothing to do in this phase
+
+    def save(self, checkpoint_path: str) -> None:
+        """Progress only, for a look at a stopped run: the sweep resumes from its Optuna studies and MLflow
+        runs (`resume`), not from Tune's experiment state."""
+        state = {m.name: {"phase": m.phase, "launched": m.launched} for m in self.methods.values()}
+        Path(checkpoint_path).write_text(json.dumps(state))
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass  # see `save`
+
+
+class SweepScheduler(TrialScheduler):
+    """Routes each trial to its method's own early-stopping scheduler; confirmation runs are never stopped.
+
+    Trials start in the order they were created (FIFO), so a method's searcher decides what runs next.
+    """
+
+    def __init__(self, make: Callable[[str], TrialScheduler]) -> None:
+        super().__init__()
+        self.make = make
+        self.schedulers: dict[str, TrialScheduler] = {}
+        self.fifo = FIFOScheduler()
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True  # each method's scheduler was built with its own metric and mode
+
+    def _for(self, trial: Any) -> TrialScheduler:
+        config = trial.config[TRIAL_KEY]
+        if config.role != "search":
+            return self.fifo
+        if config.method not in self.schedulers:
+            self.schedulers[config.method] = self.make(config.method)
+        return self.schedulers[config.method]
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._for(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        self._for(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        return self._for(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self._for(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self._for(trial).on_trial_remove(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        return self.fifo.choose_trial_to_run(tune_controller)
+
+    def debug_string(self) -> str:
+        return f"per-method schedulers: {', '.join(self.schedulers) or 'none yet'}"
+
+    def save(self, checkpoint_path: str) -> None:
+        pass  # nothing to resume from: see SweepSearch.save
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
