@@ -102,7 +102,8 @@ class SweepSearch(Searcher):
         if method.searcher is not None and trial_id in method.running:
             method.searcher.on_trial_complete(trial_id, result=result, error=error)
         method.running.discard(trial_id)
-        self._advance(method)
+        # Phases advance at the next `suggest`: Tune tells the searcher of a completion before its callbacks
+        # record it, and the next phase (confirmation, a dependent method's prior) reads those records.
 
     def _method_of(self, trial_id: str) -> MethodRun | None:
         name = self.owner.get(trial_id)
