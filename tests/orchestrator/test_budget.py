@@ -11,7 +11,7 @@ from ray.tune.search.optuna import OptunaSearch
 from peftsweep.orchestrator.budget import BudgetedSearch
 
 
-def _search(**budget: float) -> BudgetedSearch:
+def _search(max_trials: int = 10, **budget: float) -> BudgetedSearch:
     space = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
     inner = OptunaSearch(
         space,
@@ -21,7 +21,8 @@ def _search(**budget: float) -> BudgetedSearch:
         study_name="budget",
         storage=optuna.storages.InMemoryStorage(),
     )
-    return BudgetedSearch(inner, n_startup_trials=2, **budget)
+    build = lambda trial_id, params, index: params | {"trial_id": trial_id, "index": index}  # noqa: E731
+    return BudgetedSearch(inner, build=build, max_trials=max_trials, n_startup_trials=2, **budget)
 
 
 def test_start_up_trials_are_not_over_launched_in_parallel() -> None:
@@ -48,3 +49,14 @@ def test_trial_seconds_and_wall_time_budgets_finish_the_search() -> None:
     assert search.suggest("b") == Searcher.FINISHED and search.stopped_by == "trial-seconds"
     late = _search(deadline=time.monotonic() - 1)
     assert late.suggest("a") == Searcher.FINISHED and late.stopped_by == "wall time"
+
+
+def test_each_suggestion_is_built_into_a_trial_config_and_the_trial_budget_is_kept() -> None:
+    search = _search(max_trials=3)
+    configs = []
+    for trial_id in "abc":
+        configs.append(search.suggest(trial_id))
+        search.on_trial_complete(trial_id, {"exact_match": 0.1, "time_total_s": 1.0})
+    assert [(c["trial_id"], c["index"]) for c in configs] == [("a", 0), ("b", 1), ("c", 2)]
+    assert all(1e-4 <= c["lr"] <= 1e-1 for c in configs)  # the inner OptunaSearch's suggestion, kept
+    assert search.suggest("d") == Searcher.FINISHED  # 3 trials: the method's budget

@@ -1,8 +1,9 @@
 """Faults injected for real into a sweep's trials (NaN loss, out of memory, a hung worker, a SIGKILLed
-worker): each is handled as promised and the sweep finishes with every other trial intact.
+worker): each is handled as promised and the sweep finishes with every other trial intact, on both executors
+(inline: the loop inside the Tune trial; train: a Ray Train TorchTrainer job).
 
-One real sweep through the CLI (trainables.faults drills via PEFTSWEEP_FAULTS); the tests each check one of
-its trials.
+One real sweep per executor through the CLI (trainables.faults drills via PEFTSWEEP_FAULTS); the tests each
+check one of its trials.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from peftsweep.cli import app
-from peftsweep.orchestrator.tracking import FAILURE_TAG, LEVEL_TAG, OUTCOME_TAG
+from peftsweep.orchestrator.tracking import DRILL_TAG, FAILURE_TAG, LEVEL_TAG, OUTCOME_TAG
 from peftsweep.spec import load_spec
 from peftsweep.trainables.faults import FAULTS_ENV
+from peftsweep.vocab import TRAINER_STATE
 
 STEPS, EVERY = 10, 5
 HANG_TIMEOUT_S = 40.0  # above a healthy first report (setup + 5 steps + eval) with 2 trials on 2 cores
@@ -34,9 +36,12 @@ TRIALS = 5
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def drill(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("faults")
+@pytest.fixture(scope="module", params=["inline", "train"])
+def drill(
+    ray_session: None, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> dict[str, Any]:
+    executor = request.param
+    root = tmp_path_factory.mktemp(f"faults-{executor}")
     spec_path = root / "faults.yaml"
     spec_path.write_text(
         yaml.safe_dump(
@@ -52,6 +57,7 @@ def drill(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
                 "training": {"max_steps": STEPS, "eval_every": EVERY},
                 "data": {"max_eval_examples": 16},
                 "resources": {
+                    "executor": executor,
                     "cpus_per_worker": 0.9,
                     "max_concurrent_trials": 2,
                     "hang_timeout_s": HANG_TIMEOUT_S,
@@ -72,12 +78,9 @@ def drill(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     client = MlflowClient(spec.tracking.mlflow_tracking_uri())
     exp = client.get_experiment_by_name(spec.name)
     runs = client.search_runs([exp.experiment_id], f"tags.`{LEVEL_TAG}` = 'trial'", max_results=100)
-    # Tune's creation order (the drill's "trial") is in its trial directory names: tune_trial_<id>_<n>_…
-    order = {
-        (parts := d.name.split("_"))[2]: int(parts[3]) - 1
-        for d in (spec.tracking.ray_storage / "tune").glob("*/tune_trial_*")
-    }
-    by_index = {order[r.data.tags["peftsweep.trial_id"]]: r for r in runs}
+    # Each drilled trial's run names its drill (kind@step); the one run without a drill ran clean.
+    drilled = {f"{f['kind']}@{f['step']}": f["trial"] for f in FAULTS}
+    by_index = {drilled.get(r.data.tags.get(DRILL_TAG, ""), TRIALS - 1): r for r in runs}
     return {"spec": spec, "client": client, "runs": runs, "by_index": by_index, "output": result.output}
 
 
@@ -87,7 +90,8 @@ def _steps(drill: dict[str, Any], index: int, metric: str = "eval_loss") -> list
 
 
 def test_one_run_per_trial_and_nothing_left_running(drill: dict[str, Any]) -> None:
-    assert sorted(drill["by_index"]) == list(range(TRIALS))  # no retried trial became a second run
+    assert len(drill["runs"]) == TRIALS  # counted: no retried trial became a second run
+    assert sorted(drill["by_index"]) == list(range(TRIALS))  # one run per drill, and the clean one
     assert all(r.info.status in ("FINISHED", "FAILED") for r in drill["runs"])
     storage = optuna.storages.RDBStorage(drill["spec"].tracking.optuna_storage_url())
     trials = optuna.load_study(study_name="faults/lora", storage=storage).get_trials(deepcopy=False)
@@ -105,7 +109,7 @@ def test_nan_loss_is_diverged_at_once(drill: dict[str, Any]) -> None:
 def test_out_of_memory_fails_the_trial_with_its_reason_and_is_not_retried(drill: dict[str, Any]) -> None:
     run = drill["by_index"][1]
     assert run.info.status == "FAILED" and run.data.tags[OUTCOME_TAG] == "failed"
-    assert "out of memory at step 4" in run.data.tags[FAILURE_TAG]
+    assert "out of memory in the training step at step 4" in run.data.tags[FAILURE_TAG]
     assert _steps(drill, 1, "oom") == [3]  # reported once: no worker restart at the same config
     # Optuna holds it as the worst result, so the sampler steers away from the config instead of re-trying it.
     storage = optuna.storages.RDBStorage(drill["spec"].tracking.optuna_storage_url())
@@ -137,16 +141,20 @@ def test_the_sweep_goes_on_and_registers_a_champion(drill: dict[str, Any]) -> No
 
 
 def test_finished_trials_keep_only_their_best_k_adapters_on_disk(drill: dict[str, Any]) -> None:
-    from peftsweep.trainables.loop import TRAINER_STATE
-
     spec = drill["spec"]
-    train = spec.tracking.ray_storage / "train"
-    assert not list(train.rglob(TRAINER_STATE))  # resume state is gone once a trial is finished
+    storage = spec.tracking.ray_storage
+    assert not list(storage.rglob(TRAINER_STATE))  # resume state is gone once a trial is finished
+    checkpoints = {}  # trial id -> its checkpoint directories (Tune's for inline trials, Train's for train)
+    for ckpt in storage.rglob("checkpoint_*"):
+        if ckpt.is_dir():
+            trial_id = next(
+                t for t in (r.data.tags["peftsweep.trial_id"] for r in drill["runs"]) if t in str(ckpt)
+            )
+            checkpoints.setdefault(trial_id, []).append(ckpt)
     for run in drill["runs"]:
         if run.data.tags[OUTCOME_TAG] != "completed":
             continue
-        run_dir = train / f"train-{run.data.tags['peftsweep.trial_id']}"
-        checkpoints = [c for c in run_dir.glob("checkpoint_*") if c.is_dir()]
-        assert 1 <= len(checkpoints) <= spec.training.keep_checkpoints + 1  # best k + the latest
-        assert all((c / "adapter_model.safetensors").is_file() for c in checkpoints)
+        mine = checkpoints[run.data.tags["peftsweep.trial_id"]]
+        assert 1 <= len(mine) <= spec.training.keep_checkpoints + 1  # best k + the latest
+        assert all((c / "adapter_model.safetensors").is_file() for c in mine)
     assert "disk: " in drill["output"] and "adapters (MLflow)" in drill["output"]

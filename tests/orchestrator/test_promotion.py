@@ -34,8 +34,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> dict:
     40 steps — logged as runs of a sqlite-backed MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from peftsweep.trainables.loop import init_standalone, run_trial
+    from peftsweep.trainables.loop import run_trial
     from peftsweep.trainables.prepared import prepare_data
+    from peftsweep.trainables.trial_config import standalone_trial
 
     tmp = tmp_path_factory.mktemp("gate")
     spec = parse_spec(
@@ -48,7 +49,6 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> dict:
         },
         base_dir=tmp,
     )
-    init_standalone()
     data_dir = prepare_data(spec)
     adapters = {}
     for name, lr in (("untrained", 1e-12), ("trained", 1e-2)):
@@ -56,7 +56,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> dict:
         def keep(metrics: dict, ckpt: Path | None, name: str = name) -> None:
             adapters[name] = shutil.copytree(ckpt, tmp / name, ignore=shutil.ignore_patterns("trainer_state"))
 
-        run_trial(spec, "lora", lr, 4, 0, keep, data_dir=data_dir)
+        run_trial(standalone_trial(spec, "lora", lr, 4, 0, data_dir=data_dir), keep)
     client = MlflowClient(tracking_uri=spec.tracking.mlflow_tracking_uri())
     exp = client.create_experiment("gate", artifact_location=str(spec.tracking.artifact_root))
     runs = {}

@@ -133,8 +133,8 @@ def test_champion_loads_with_plain_peft_and_reproduces_its_metric(
 
     from peftsweep.orchestrator.champion import champion_info, download_champion
     from peftsweep.trainables.data import load_split
-    from peftsweep.trainables.loop import resolve_base_model
     from peftsweep.trainables.metrics import evaluate
+    from peftsweep.trainables.model import resolve_base_model
 
     spec = sweep["spec"]
     info = champion_info(spec)

@@ -20,9 +20,9 @@ pytestmark = [
 def test_bf16_trial_on_gpu_reports_throughput_and_frees_memory(
     method: str, zero_stage: int, tmp_path: Path
 ) -> None:
-    from peftsweep.trainables.loop import init_standalone, run_trial
+    from peftsweep.trainables.loop import run_trial
+    from peftsweep.trainables.trial_config import standalone_trial
 
-    init_standalone()
     spec = parse_spec(
         {
             "name": "gpu",
@@ -35,7 +35,7 @@ def test_bf16_trial_on_gpu_reports_throughput_and_frees_memory(
     )
     before = torch.cuda.memory_allocated()
     reports: list[dict] = []
-    run_trial(spec, method, 1e-3, 8, 0, lambda metrics, _ckpt: reports.append(metrics))
+    run_trial(standalone_trial(spec, method, 1e-3, 8, 0), lambda metrics, _ckpt: reports.append(metrics))
     assert [r["step"] for r in reports] == [10, 20] and reports[-1]["diverged"] == 0.0
     assert reports[-1]["tokens_per_s"] > 0 and reports[-1]["peak_memory_mb"] > 0
     assert reports[-1]["train_loss"] < reports[0]["train_loss"] * 1.5  # trains without blowing up in bf16

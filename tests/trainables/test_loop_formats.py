@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from peftsweep.spec import parse_spec
-from peftsweep.trainables.loop import init_standalone, run_trial
+from peftsweep.trainables.loop import run_trial
 from peftsweep.trainables.task_metrics import FORMAT_METRICS
+from peftsweep.trainables.trial_config import standalone_trial
 from tests.conftest import EXAMPLES
 
 
@@ -67,7 +68,6 @@ FILES = {
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("fmt", sorted(FILES))
 def test_each_format_trains_and_reports_its_metrics(fmt: str, ascii_base: Path, tmp_path: Path) -> None:
-    init_standalone()
     spec = parse_spec(
         {
             "name": f"fmt-{fmt}",
@@ -81,7 +81,7 @@ def test_each_format_trains_and_reports_its_metrics(fmt: str, ascii_base: Path, 
         base_dir=tmp_path,
     )
     reports: list[dict] = []
-    run_trial(spec, "lora", 1e-3, 4, 0, lambda metrics, _ckpt: reports.append(metrics))
+    run_trial(standalone_trial(spec, "lora", 1e-3, 4, 0), lambda metrics, _ckpt: reports.append(metrics))
     (last,) = reports
     for name in FORMAT_METRICS[fmt]:
         assert 0.0 <= last[name] <= 1.0, name

@@ -235,7 +235,7 @@ def test_deepspeed_zero_step_equals_plain_torch(stage: int) -> None:
     """ascent(module loss) + engine.backward + restore + engine.step under ZeRO-`stage` matches plain torch:
     the ascent gradient neither leaks into ZeRO's reduced gradients nor trips its hooks."""
     deepspeed = pytest.importorskip("deepspeed")
-    from peftsweep.trainables.loop import init_standalone
+    from peftsweep.trainables.engine import init_standalone
 
     init_standalone()
     model = _mlp()

@@ -1,0 +1,135 @@
+"""One Tune run for every method (orchestrator/methods.py): each method keeps its own searcher, phases and
+early stopping, and free slots go to whichever method has work left. Unit tests with scripted searchers and
+the real ASHA scheduler; the real sweep is tests/orchestrator/test_sweep_e2e.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from peftsweep.orchestrator.methods import MethodRun, SweepScheduler, SweepSearch
+from peftsweep.trainables.trial_config import TRIAL_KEY
+
+
+@dataclass
+class Scripted(Searcher):
+    """Suggests ``budget`` configs named after the method and phase, then FINISHED; records what it saw."""
+
+    name: str
+    budget: int
+    made: int = 0
+    completed: list[str] = field(default_factory=list)
+    results: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self.made >= self.budget:
+            return Searcher.FINISHED
+        self.made += 1
+        return {"who": self.name, "trial_id": trial_id}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.results.append(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.completed.append(trial_id)
+
+
+def _run(name: str, search: int, confirm: int, after: str | None = None) -> tuple[MethodRun, dict]:
+    made: dict[str, Scripted] = {}
+
+    def start(phase: str, budget: int) -> Scripted | None:
+        if not budget:
+            return None
+        made[phase] = Scripted(f"{name}/{phase}", budget)
+        return made[phase]
+
+    run = MethodRun(
+        name,
+        start_search=lambda: start("search", search),
+        start_confirm=lambda: start("confirm", confirm),
+        after=after,
+    )
+    return run, made
+
+
+def test_free_slots_go_to_the_method_with_fewest_trials_in_flight() -> None:
+    (a, _), (b, _) = _run("a", 3, 0), _run("b", 3, 0)
+    sweep = SweepSearch([a, b])
+    who = [sweep.suggest(f"t{i}")["who"] for i in range(4)]  # type: ignore[index]
+    assert who == ["a/search", "b/search", "a/search", "b/search"]  # interleaved, not a then b
+    sweep.on_trial_complete("t0")  # a's first trial is done: a has fewer in flight now
+    assert sweep.suggest("t4")["who"] == "a/search"  # type: ignore[index]
+
+
+def test_each_method_goes_search_then_confirm_then_done_and_results_reach_only_its_searcher() -> None:
+    done: list[str] = []
+    (a, made), (b, _) = _run("a", 1, 2), _run("b", 1, 0)
+    sweep = SweepSearch([a, b], on_done=done.append)
+    assert sweep.suggest("s-a")["who"] == "a/search"  # type: ignore[index]
+    assert sweep.suggest("s-b")["who"] == "b/search"  # type: ignore[index]
+    assert sweep.suggest("x") is None  # both searches spent, their trials still running: nothing to start
+    sweep.on_trial_result("s-a", {"m": 1})
+    sweep.on_trial_complete("s-a")
+    assert made["search"].results == ["s-a"] and made["search"].completed == ["s-a"]
+    assert done == []  # a phase advances at the next suggest (after Tune's callbacks recorded the trial)
+    assert sweep.suggest("c1")["who"] == "a/confirm"  # type: ignore[index]
+    assert sweep.suggest("c2")["who"] == "a/confirm"  # type: ignore[index]
+    sweep.on_trial_complete("s-b")
+    assert sweep.suggest("y") is None and done == ["b"]  # b had nothing to confirm: done
+    for trial_id in ("c1", "c2"):
+        sweep.on_trial_complete(trial_id)
+    assert made["confirm"].completed == ["c1", "c2"]
+    assert sweep.suggest("z") == Searcher.FINISHED and done == ["b", "a"]
+
+
+def test_a_method_whose_prior_needs_another_waits_for_it() -> None:
+    (ref, _), (later, made) = _run("lora", 1, 0), _run("pissa", 1, 0, after="lora")
+    sweep = SweepSearch([ref, later])
+    assert sweep.suggest("r")["who"] == "lora/search"  # type: ignore[index]
+    assert sweep.suggest("x") is None and "search" not in made  # not even built: its prior is unknown
+    sweep.on_trial_complete("r")
+    assert sweep.suggest("p")["who"] == "pissa/search"  # type: ignore[index]
+
+
+def _trial(trial_id: str, method: str, role: str = "search") -> Any:
+    return SimpleNamespace(trial_id=trial_id, config={TRIAL_KEY: SimpleNamespace(method=method, role=role)})
+
+
+def test_early_stopping_compares_a_trial_only_with_its_own_methods_trials() -> None:
+    """Method b's trials all score far below a's: with one shared ASHA they would be stopped at the rung;
+    with one ASHA per method each is judged among its own."""
+    made: dict[str, ASHAScheduler] = {}
+
+    def make(method: str) -> ASHAScheduler:
+        made[method] = ASHAScheduler(time_attr="step", metric="m", mode="max", max_t=4, grace_period=1)
+        return made[method]
+
+    scheduler = SweepScheduler(make)
+    good = [_trial(f"a{i}", "a") for i in range(3)]
+    weak = [_trial(f"b{i}", "b") for i in range(3)]
+    for trial in good + weak:
+        scheduler.on_trial_add(None, trial)
+    for i, trial in enumerate(good):
+        scheduler.on_trial_result(None, trial, {"step": 1, "m": 0.9 + 0.01 * i})
+    decisions = [
+        scheduler.on_trial_result(None, t, {"step": 1, "m": 0.1 - 0.01 * i}) for i, t in enumerate(weak)
+    ]
+    assert sorted(made) == ["a", "b"]
+    assert decisions[0] == TrialScheduler.CONTINUE  # b's first trial is the best b has seen
+    assert decisions[-1] == TrialScheduler.STOP  # b's worst is stopped against b's own rung
+
+
+def test_confirmation_runs_are_never_stopped_early() -> None:
+    scheduler = SweepScheduler(lambda _m: ASHAScheduler(time_attr="step", metric="m", mode="max", max_t=4))
+    runs = [_trial(f"c{i}", "a", role="confirm") for i in range(4)]
+    for trial in runs:
+        scheduler.on_trial_add(None, trial)
+    decisions = [scheduler.on_trial_result(None, t, {"step": 1, "m": -i}) for i, t in enumerate(runs)]
+    assert decisions == [TrialScheduler.CONTINUE] * 4 and scheduler.schedulers == {}
