@@ -148,8 +148,15 @@ def _plan(spec: SweepSpec, method: str, data_dir: Path) -> TrialPlan:
 def _tune_env() -> None:
     """Tune settings for a sweep: its own progress output instead of Tune's, and no per-result JSON/CSV/
     TensorBoard files (MLflow is the record; each logger costs driver time on every result)."""
+    import logging
+
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing; we show progress
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Tune snapshots its experiment state whenever a trial wrote keep_checkpoints checkpoints, and warns that
+    # it does; a sweep resumes from Optuna and MLflow, never from that state, so the warning is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's result grid looks for the per-result files we turned off above, and warns per trial.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
 def _worker_task(spec: SweepSpec, fn: Callable[..., Any]) -> Any:
@@ -281,8 +288,8 @@ def run_methods(
     from ray import tune
 
     from peftsweep.orchestrator.methods import SweepScheduler, SweepSearch
-    from peftsweep.orchestrator.trial import executor_for, tune_run_config_extras
     from peftsweep.orchestrator.trial import trainable as trial_trainable
+    from peftsweep.orchestrator.trial import tune_run_config_extras
 
     _tune_env()
     tune.Tuner(
@@ -292,7 +299,7 @@ def run_methods(
             scheduler=SweepScheduler(lambda _method: method_scheduler(spec)),
             num_samples=-1,  # the searcher's budgets decide; it says FINISHED when every method is done
             max_concurrent_trials=spec.resources.max_concurrent_trials,
-            reuse_actors=executor_for(spec) == "inline",
+            reuse_actors=True,  # inline: the warm worker; train: the light process that drives Ray Train
             trial_dirname_creator=lambda trial: f"{trial.trainable_name}_{trial.trial_id}",
         ),
         run_config=tune.RunConfig(
