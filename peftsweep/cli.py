@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.markup import escape
 
 from peftsweep.cluster.templates import Kind
 from peftsweep.spec import SpecError, SweepSpec, load_spec
+
+if TYPE_CHECKING:
+    from peftsweep.orchestrator.sweep import SweepResult
 
 app = typer.Typer(
     help="Fair per-method LR × rank sweeps of PEFT methods (Ray Tune, Optuna, Ray Train/DeepSpeed, MLflow).",
@@ -40,6 +43,15 @@ def _load(spec_path: Path) -> SweepSpec:
     except SpecError as exc:
         err.print(f"[red]{exc}[/]", highlight=False)
         raise typer.Exit(2) from None
+
+
+def _exit_code(result: SweepResult) -> None:
+    """0: a champion (or challenger) was registered; 4: every trial failed (a systematic error, printed);
+    1: trials ran but none produced an adapter (e.g. every one diverged)."""
+    if result.all_failed:
+        raise typer.Exit(4)
+    if result.champion is None:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -69,8 +81,7 @@ def run(
     except SweepLocked as exc:
         err.print(f"[red]{escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(3) from None
-    if result.champion is None:
-        raise typer.Exit(1)
+    _exit_code(result)
 
 
 @app.command()
@@ -91,8 +102,7 @@ def resume(
     except SweepLocked as exc:
         err.print(f"[red]{escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(3) from None
-    if result.champion is None:
-        raise typer.Exit(1)
+    _exit_code(result)
 
 
 @app.command()

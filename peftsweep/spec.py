@@ -205,6 +205,10 @@ class SearchSpec(_Strict):
     # + 1, + 2, ...); a method's score is the mean ± std over seeds of its best config. Paper protocol: 3.
     confirm_seeds: NonNegativeInt = 3
     confirm_top_k: PositiveInt = 1
+    # A method whose first K search trials all fail with the same error stops (the sweep goes on with the
+    # other methods): a systematic failure — a bad path, a base that does not fit — would only repeat for
+    # the rest of its budget. None: never stop a method early.
+    stop_after_failures: PositiveInt | None = 3
     # Start later methods where the reference (lora, else the first method) predicts: none | curvature (centre
     # the range at ref best LR × λ_ref/λ_method) | transfer (enqueue earlier bests, LR scaled by that ratio).
     lr_prior: Literal["none", "curvature", "transfer"] = "none"
@@ -383,6 +387,10 @@ class SweepSpec(_Strict):
     tracking: TrackingSpec = TrackingSpec()
     evaluation: EvalSpec = EvalSpec()
     forgetting: ForgettingSpec | None = None  # None: no forgetting check
+    # What saved adapters (adapter_config.json, the registry) name as their base, so they load on another
+    # machine: None → base_model as the spec wrote it (parse_spec makes base_model itself absolute). Set it
+    # to the hub id when training from a local mirror of a hub model.
+    base_model_name: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -486,7 +494,9 @@ def _format_errors(exc: ValidationError, source: str) -> str:
 
 
 def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) -> SweepSpec:
-    """Validate a spec mapping; relative tracking/data paths resolve against `base_dir` (default: cwd)."""
+    """Validate a spec mapping, then resolve every local path in it against `base_dir` (default: the
+    directory the command runs in), once, here on the driver: trials run in other working directories (and
+    on other machines), so they must only ever see absolute paths."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a sweep spec must be a mapping, got {type(data).__name__}")
     try:
@@ -494,13 +504,34 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
     except ValidationError as exc:
         raise SpecError(_format_errors(exc, source)) from None
     base = (base_dir or Path.cwd()).resolve()
-    root = spec.tracking.root if spec.tracking.root.is_absolute() else base / spec.tracking.root
     try:
-        root = root.resolve()
-    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop, a name too long
+        root = (base / spec.tracking.root.expanduser()).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, ~unknown-user, a name too long
         raise SpecError(f"{source}: invalid sweep spec\n  tracking.root: {exc}") from None
-    tracking = spec.tracking.model_copy(update={"root": root})
-    return spec.model_copy(update={"tracking": tracking})
+    update: dict[str, Any] = {
+        "tracking": spec.tracking.model_copy(update={"root": root}),
+        "base_model": local_path(spec.base_model, base),
+        "data": spec.data.model_copy(update={"task": local_path(spec.data.task, base)}),
+    }
+    if spec.forgetting is not None:
+        task = local_path(spec.forgetting.task, base)
+        update["forgetting"] = spec.forgetting.model_copy(update={"task": task})
+    update["base_model_name"] = spec.base_model_name or spec.base_model
+    return spec.model_copy(update=update)
+
+
+def local_path(value: str, base: Path) -> str:
+    """``value`` as an absolute path when it names a local file or directory (it starts with ``.``, ``/`` or
+    ``~``, or exists under ``base``); unchanged when it is ``builtin:…``, ``hf:…``, a URL or a hub id, or
+    when it cannot be a path at all (a NUL byte, ~unknown-user: `check_inputs` names the field)."""
+    if not value or ":" in value.split("/", 1)[0]:  # builtin:…, hf:…, s3://…: a scheme, not a path
+        return value
+    try:
+        if value.startswith((".", "/", "~")) or (base / value).exists():
+            return str((base / Path(value).expanduser()).resolve())
+    except (OSError, ValueError, RuntimeError):
+        pass
+    return value
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

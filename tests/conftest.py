@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# No model hub here or in CI: a hub id must fail at once (as offline), not after five network retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 

@@ -41,23 +41,10 @@ def client(address: str | None) -> Any:
     return JobSubmissionClient(address)
 
 
-def _absolute(value: str | None) -> str | None:
-    """A relative local path made absolute against the submitter's working directory; others unchanged."""
-    if not value or ":" in value.split("/", 1)[0]:  # builtin:…, hf:…, s3://…, a hub id has no scheme
-        return value
-    path = Path(value)
-    return str(path.resolve()) if not path.is_absolute() and path.exists() else value
-
-
 def job_spec(spec: SweepSpec) -> dict[str, Any]:
-    """The spec as the job loads it: tracking.root is already absolute (parse_spec); local base model and
-    data paths are made absolute too, since the job's working directory is a copy of its runtime_env."""
-    data = spec.model_dump(mode="json")
-    data["base_model"] = _absolute(data["base_model"])
-    data["data"]["task"] = _absolute(data["data"]["task"])
-    if data.get("forgetting"):
-        data["forgetting"]["task"] = _absolute(data["forgetting"]["task"])
-    return data
+    """The spec as the job loads it: every local path is already absolute (`spec.parse_spec`), which the job
+    needs, since its working directory is a copy of its runtime_env."""
+    return spec.model_dump(mode="json")
 
 
 def submit(

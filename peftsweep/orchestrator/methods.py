@@ -37,6 +37,9 @@ class MethodRun:
     # builds its confirmation searcher once the search is over (None: nothing to confirm)
     start_confirm: Callable[[], Searcher | None]
     after: str | None = None  # a method whose whole run must be done first (the LR prior's reference)
+    # why the method must stop launching trials (e.g. its first trials all failed the same way), or None
+    stop: Callable[[], str | None] = lambda: None
+    stopped: str | None = None  # the reason it was stopped, once it was
     phase: Phase = "waiting"
     searcher: Searcher | None = None
     running: set[str] = field(default_factory=set)
@@ -47,12 +50,23 @@ class MethodRun:
 class SweepSearch(Searcher):
     """Suggests the next trial of whichever method has work left, fewest trials in flight first."""
 
-    def __init__(self, methods: list[MethodRun], on_done: Callable[[str], None] = lambda _m: None) -> None:
+    def __init__(
+        self,
+        methods: list[MethodRun],
+        on_done: Callable[[str], None] = lambda _m: None,
+        on_stop: Callable[[str, str], None] = lambda _m, _why: None,
+    ) -> None:
         super().__init__()
         self.methods = {m.name: m for m in methods}
         self.order = [m.name for m in methods]
-        self.on_done = on_done
+        self.on_done, self.on_stop = on_done, on_stop
         self.owner: dict[str, str] = {}  # trial id -> method
+
+    def __reduce__(self) -> tuple:
+        # Tune pickles its config (this searcher included) into tuner.pkl for `Tuner.restore`, which a sweep
+        # never uses (it resumes from Optuna and MLflow). The per-method parts close over the driver's
+        # MLflow client and live display, so a pickled copy is an empty search.
+        return (SweepSearch, ([],))
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # each method's searcher was built with its own metric, mode and space
@@ -115,6 +129,10 @@ class SweepSearch(Searcher):
 
     def _advance(self, method: MethodRun) -> None:
         """Move a method to its next phase when its current one is over (repeatedly: a phase may be empty)."""
+        if method.phase == "search" and method.stopped is None and (why := method.stop()) is not None:
+            method.stopped, method.searcher_finished = why, True  # its running trials finish; no new ones
+            method.start_confirm = lambda: None  # nothing of it is worth confirming
+            self.on_stop(method.name, why)
         while True:
             if method.phase == "waiting":
                 before = self.methods.get(method.after) if method.after else None
@@ -155,6 +173,9 @@ class SweepScheduler(TrialScheduler):
         self.make = make
         self.schedulers: dict[str, TrialScheduler] = {}
         self.fifo = FIFOScheduler()
+
+    def __reduce__(self) -> tuple:
+        return (SweepScheduler, (FIFOScheduler,))  # see SweepSearch.__reduce__
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True  # each method's scheduler was built with its own metric and mode

@@ -72,8 +72,11 @@ class SweepProgress:
                 value = t.metrics.get(metric)
                 shown = f"{value:.3f}" if value is not None else "-"
                 rank = t.rank or "-"  # 0: the method has no rank
+                why = f": {t.failure}" if t.status == "failed" and t.failure else ""
                 self.live.console.print(
                     f"  {t.method:>8} trial {t.trial_id}: lr={t.lr:.2e} rank={rank} → {metric} {shown} "
-                    f"at step {int(t.metrics.get('step', 0))} ({t.status})"
+                    f"at step {int(t.metrics.get('step', 0))} ({t.status}{why})",
+                    highlight=False,
+                    markup=False,
                 )
         self.live.update(self.table())

@@ -8,13 +8,14 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from peftsweep import cluster, search_spaces
@@ -43,6 +44,8 @@ class SweepResult:
     seconds: float
     promoted: bool = False  # the best passed the promotion gate and is now `@champion`
     promotion_reason: str = ""
+    stopped: dict[str, str] = field(default_factory=dict)  # method -> why it stopped early (its failures)
+    all_failed: bool = False  # every trial of the sweep failed: nothing ran (exit 4)
 
 
 def check_inputs(spec: SweepSpec) -> dict[str, dict[str, int]]:
@@ -51,10 +54,8 @@ def check_inputs(spec: SweepSpec) -> dict[str, dict[str, int]]:
     Returns the rows per split of each data source (``data``, and ``forgetting`` when set). Every problem is
     a SpecError naming the spec field.
     """
-    from peftsweep.spec import HUB_MODEL_ID
     from peftsweep.trainables.data import DataError
     from peftsweep.trainables.formats import check_task
-    from peftsweep.trainables.model import resolve_base_model
 
     sources = {"data": spec.data} | ({"forgetting": spec.forgetting} if spec.forgetting else {})
     counts: dict[str, dict[str, int]] = {}
@@ -76,6 +77,16 @@ def check_inputs(spec: SweepSpec) -> dict[str, dict[str, int]]:
             f"data.split: the validation split of {spec.data.task} is empty; give data.split a validation "
             "share or add a validation file"
         )
+    _check_methods_fit(spec, _model_config(spec))
+    return counts
+
+
+def _model_config(spec: SweepSpec) -> dict[str, Any]:
+    """The base model's config.json: read from its local directory, or fetched from the hub for a hub id,
+    so a typo, a missing or gated model or no network fails here, naming base_model, not once per trial."""
+    from peftsweep.spec import HUB_MODEL_ID
+    from peftsweep.trainables.model import resolve_base_model
+
     try:
         base = resolve_base_model(spec.base_model)
         looks_local = base.startswith((".", "/", "~")) or Path(base).exists()
@@ -85,12 +96,12 @@ def check_inputs(spec: SweepSpec) -> dict[str, dict[str, int]]:
         raise SpecError(f"base_model: {exc}") from None
     except (OSError, ValueError, RuntimeError) as exc:  # ~unknown-user, a NUL byte, a name too long
         raise SpecError(f"base_model: {spec.base_model!r} is not a usable path ({exc})") from None
-    if not looks_local:  # a hub id: its architecture is only known once a worker loads it
+    if not looks_local:
         if not HUB_MODEL_ID.fullmatch(base):
             raise SpecError(
                 f"base_model: {base!r} is neither a local model directory nor a hub id [owner/]name"
             )
-        return counts
+        return _hub_config(spec, base)
     if not has_config:
         raise SpecError(f"base_model: {base} is not a model directory (no config.json)")
     try:
@@ -99,6 +110,28 @@ def check_inputs(spec: SweepSpec) -> dict[str, dict[str, int]]:
         raise SpecError(f"base_model: {config} is not a readable JSON file ({exc})") from None
     if not isinstance(model_config, dict):
         raise SpecError(f"base_model: {config} holds {type(model_config).__name__}, not a JSON object")
+    return model_config
+
+
+def _hub_config(spec: SweepSpec, model_id: str) -> dict[str, Any]:
+    """A hub model's config, fetched (or read from the local hub cache) the way the trials will load it."""
+    from transformers import AutoConfig
+
+    from peftsweep.orchestrator.tracking import first_error_line
+    from peftsweep.trainables.model import hub_options
+
+    try:
+        return AutoConfig.from_pretrained(model_id, **hub_options(spec)).to_dict()
+    except (OSError, ValueError) as exc:  # not found, gated, offline (OSError); remote code not allowed
+        raise SpecError(
+            f"base_model: {model_id!r} could not be loaded from the Hugging Face Hub: "
+            f"{first_error_line(str(exc))} (check the id, the network or HF_HUB_OFFLINE, and HF_TOKEN for "
+            "gated models)"
+        ) from None
+
+
+def _check_methods_fit(spec: SweepSpec, model_config: dict[str, Any]) -> None:
+    """Methods that cannot run on this architecture, and ranks that are not low-rank for its width."""
     # Methods that cannot run on this architecture (e.g. OLoRA on GPT-2's Conv1D) fail here, not in a trial.
     problems = [
         f"methods.{i}: {why}"
@@ -118,7 +151,6 @@ def check_inputs(spec: SweepSpec) -> dict[str, dict[str, int]]:
         ]
     if problems:
         raise SpecError("\n".join(problems))
-    return counts
 
 
 def _check_resources(spec: SweepSpec) -> None:
@@ -155,8 +187,13 @@ def _tune_env() -> None:
     # Tune snapshots its experiment state whenever a trial wrote keep_checkpoints checkpoints, and warns that
     # it does; a sweep resumes from Optuna and MLflow, never from that state, so the warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # A failed trial's first error line is printed by our progress and its whole trace kept on its MLflow
+    # run (error.txt); Tune would print every trace to the console as well.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     # Tune's result grid looks for the per-result files we turned off above, and warns per trial.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    # ...and lists the failed trials at the end, which our final table and its notes already show.
+    logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
 
 
 def _worker_task(spec: SweepSpec, fn: Callable[..., Any]) -> Any:
@@ -277,6 +314,7 @@ def run_methods(
     runs: list[MethodRun],
     callbacks: list,
     on_done: Callable[[str], None] = lambda _m: None,
+    on_stop: Callable[[str, str], None] = lambda _m, _why: None,
     trainable: Any | None = None,  # a Tune trainable instead of the trial's (bench/ replays a table)
 ) -> None:
     """Every method's search and confirmation in one Tune run (`methods.py`): warm reused actors for inline
@@ -295,7 +333,7 @@ def run_methods(
     tune.Tuner(
         trainable if trainable is not None else trial_trainable(spec),
         tune_config=tune.TuneConfig(
-            search_alg=SweepSearch(runs, on_done),
+            search_alg=SweepSearch(runs, on_done, on_stop),
             scheduler=SweepScheduler(lambda _method: method_scheduler(spec)),
             num_samples=-1,  # the searcher's budgets decide; it says FINISHED when every method is done
             max_concurrent_trials=spec.resources.max_concurrent_trials,
@@ -492,8 +530,6 @@ def run_sweep(
     Every run, resumes included, holds the sweep's lock (`lock.sweep_lock`), taken once the inputs are
     checked and before any Ray work: a second driver on the same studies would corrupt them.
     """
-    from rich.markup import escape
-
     from peftsweep.orchestrator.lock import sweep_lock
     from peftsweep.orchestrator.tracking import NIGHTLY_TAG
 
@@ -536,6 +572,10 @@ def _method_runs(
     def start_confirm(method: str) -> Any:
         return confirm_searcher(spec, method, tracker, data_dir) if spec.search.confirm_seeds else None
 
+    def stop(method: str) -> str | None:
+        k = spec.search.stop_after_failures
+        return tracker.failure_streak(method, k) if k is not None else None
+
     for mspec in spec.methods:
         tracker.start_method(mspec.name)
     return [
@@ -543,6 +583,7 @@ def _method_runs(
             m.name,
             start_search=lambda name=m.name: start_search(name),
             start_confirm=lambda name=m.name: start_confirm(name),
+            stop=lambda name=m.name: stop(name),
             after=reference if reference not in (None, m.name) else None,
         )
         for m in search_order(spec)
@@ -590,8 +631,18 @@ def _run_locked(
             curvature = _curvatures(spec, data_dir, console) if spec.search.lr_prior != "none" else {}
             runs = _method_runs(spec, data_dir, tracker, resume, curvature, t0)
             recorder = TrialRecorder(tracker, progress.update)
-            run_methods(spec, runs, [recorder], on_done=tracker.finish_method)
+
+            def stopped(method: str, why: str) -> None:
+                k = spec.search.stop_after_failures
+                live.console.print(
+                    f"[yellow]{method}: stopped after its first {k} trials all failed with: "
+                    f"{escape(why)}[/]; the sweep goes on with the other methods",
+                    highlight=False,
+                )
+
+            run_methods(spec, runs, [recorder], on_done=tracker.finish_method, on_stop=stopped)
             live.update(progress.table())
+            stops = {run.name: run.stopped for run in runs if run.stopped}
         console.print()
         bests = {m.name: b for m in spec.methods if (b := tracker.best_trial(m.name)) is not None}
         registered = tracker.register(bests, _gate(spec, tracker, data_dir))
@@ -626,8 +677,12 @@ def _run_locked(
             if (score := tracker.method_score(m)) is not None
         },
         seconds=time.monotonic() - t0,
+        stopped=stops,
+        all_failed=bool(tracker.trials) and all(t.status == "failed" for t in tracker.trials.values()),
     )
     console.print(final_table(spec, tracker, result))
+    for method, why in result.stopped.items():
+        console.print(f"[yellow]{method}: stopped early, its first trials all failed with: {escape(why)}[/]")
     _write_report(spec, tracker.sweep_run_id, curvature, console)
     console.print(f"disk: {_disk_usage(spec)}", highlight=False)
     if result.champion and result.promoted:
@@ -640,6 +695,11 @@ def _run_locked(
             f"challenger: [bold]{result.champion}[/] → models:/{result.registry_name}@challenger, not "
             f"promoted: {result.promotion_reason} ({result.seconds:.0f} s)"
         )
+    elif result.all_failed:
+        reasons = sorted({t.failure for t in tracker.trials.values()})
+        console.print(f"[red]every trial failed ({len(tracker.trials)}); nothing registered. Errors:[/]")
+        for reason in reasons:
+            console.print(f"  {escape(reason)}", highlight=False)
     else:
         console.print("[red]no trial produced an adapter: nothing registered[/]")
     return result

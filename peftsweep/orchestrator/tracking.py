@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -83,9 +84,20 @@ class MethodScore:
     trials: list[TrialRecord]
 
 
-def _summary(error: str) -> str:
-    """The line of an error that says what went wrong (a traceback's last non-empty line)."""
-    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+# "OSError: …", "torch.OutOfMemoryError: …", "peftsweep.trainables.faults.SetupStalled: …" (not Ray's wrapper)
+_EXCEPTION_LINE = re.compile(r"^(?!ray\.)(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*): (\S.*)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_error_line(error: str) -> str:
+    """The line of a trial's error that says what went wrong: the first line of the innermost exception's
+    message, as ``Name: message`` (Ray wraps it in a traceback of its own), else the last non-empty line."""
+    lines = [_ANSI.sub("", line).strip() for line in error.strip().splitlines()]
+    lines = [line for line in lines if line]
+    for line in reversed(lines):
+        match = _EXCEPTION_LINE.match(line)
+        if match and not line.startswith(("File ", "raise ")):
+            return f"{match.group(1)}: {match.group(2)}"
     return lines[-1] if lines else error
 
 
@@ -289,7 +301,7 @@ class SweepTracker:
     ) -> None:
         if error is not None or record.metrics.get("oom"):
             record.status = "failed"
-            record.failure = record.failure or _summary(error or "failed")
+            record.failure = record.failure or first_error_line(error or "failed")
             self.client.log_text(record.run_id, error or record.failure, "error.txt")
             self.client.set_tag(record.run_id, FAILURE_TAG, record.failure[:500])
         elif record.metrics.get("diverged"):
@@ -329,6 +341,16 @@ class SweepTracker:
             (t for t in self._scored(method) if t.role == "search"), key=lambda t: -sign * t.metrics[metric]
         )
         return list(dict.fromkeys((t.lr, t.rank) for t in search))[:k]
+
+    def failure_streak(self, method: str, k: int) -> str | None:
+        """The error that the method's first ``k`` search trials all failed with, or None: a systematic
+        failure (a bad path, an out-of-memory base at every config) that the rest of its budget would only
+        repeat."""
+        first = [t for t in self.trials.values() if t.method == method and t.role == "search"][:k]
+        reasons = {t.failure for t in first}
+        if len(first) < k or any(t.status != "failed" for t in first) or len(reasons) != 1:
+            return None
+        return reasons.pop()
 
     def method_score(self, method: str) -> MethodScore | None:
         """The method's score: mean ± std over seeds of its best configuration (arXiv 2602.04998's protocol).
@@ -478,7 +500,7 @@ class TrialRecorder(Callback):
         self._finish(trial, error=None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, error=str(trial.get_error() or "trial failed"))
+        self._finish(trial, error=trial_error(trial))
 
     def _finish(self, trial: Any, error: str | None) -> None:
         record = self.tracker.trials[trial.trial_id]
@@ -486,6 +508,18 @@ class TrialRecorder(Callback):
         self.tracker.finish_trial(record, str(checkpoint) if checkpoint else None, error=error)
         prune_finished(checkpoint)  # its adapter is in MLflow now
         self.on_change()
+
+
+def trial_error(trial: Any) -> str:
+    """The error a Tune trial failed with, as Tune wrote it (its error file; the last attempt's is last)."""
+    error = trial.get_error()
+    if error is not None:
+        return str(error)
+    path = Path(trial.error_file) if trial.error_file else None
+    if path is not None and path.is_file():
+        text = path.read_text(errors="replace")
+        return text.rsplit("Failure # ", 1)[-1].split("\n", 1)[-1]  # the last failure's trace
+    return "trial failed (Tune recorded no error)"
 
 
 def latest_checkpoint(trial: Any) -> Path | None:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from peftsweep.trainables.faults import Watchdog, after_report
+from peftsweep.trainables.faults import TRAIN_SETTLE_S, Watchdog, after_report
 from peftsweep.trainables.loop import OutOfMemory, failed_metrics, run_trial
 from peftsweep.trainables.trial_config import TRIAL_KEY, TrialConfig
 from peftsweep.vocab import HOST_KEY, NODE_KEY, STEP
@@ -38,7 +38,7 @@ def run_inline(trial: TrialConfig) -> None:
         ckpt = ray.tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
         ray.tune.report(metrics, checkpoint=ckpt)
 
-    _run_watched(trial, send, checkpoint)
+    _run_watched(trial, send, checkpoint, settle_s=0.0)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -63,7 +63,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         send(failed_metrics(trial.spec, reason, step=0) | _where(), None)
         return
     try:
-        _run_watched(trial, send, ray.train.get_checkpoint())
+        _run_watched(trial, send, ray.train.get_checkpoint(), settle_s=TRAIN_SETTLE_S)
     except OutOfMemory as exc:
         # The other ranks wait in a collective this one will never join, so the group must fail; the marker
         # turns the restart into a failed trial instead of a second attempt at the same config.
@@ -75,7 +75,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 Send = Callable[[dict[str, Any], Path | None], None]  # the executor's report: metrics + checkpoint dir
 
 
-def _run_watched(trial: TrialConfig, send: Send, checkpoint: Any) -> None:
+def _run_watched(trial: TrialConfig, send: Send, checkpoint: Any, settle_s: float) -> None:
     """`run_trial` under a watchdog, with the drill armed once per trial and where it ran on every report."""
     res = trial.spec.resources
     # Reliability drills (trainables.faults) fire once per trial: a restart shows the recovery.
@@ -87,7 +87,7 @@ def _run_watched(trial: TrialConfig, send: Send, checkpoint: Any) -> None:
         def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
             send(metrics | where, ckpt_dir)
             watchdog.beat()
-            after_report(fault, int(metrics.get(STEP, -1)))
+            after_report(fault, int(metrics.get(STEP, -1)), settle_s)
 
         if checkpoint is None:
             run_trial(trial, report, heartbeat=watchdog)

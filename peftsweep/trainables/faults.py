@@ -30,10 +30,12 @@ from typing import Any, Literal
 FAULTS_ENV = "PEFTSWEEP_FAULTS"
 Kind = Literal["nan", "oom", "crash", "kill", "hang"]
 _KINDS = ("nan", "oom", "crash", "kill", "hang")
-# Ray Train V2's controller collects workers' reports every 2 s; a worker killed before that loses its last
-# report (and the checkpoint with it). A crash/kill drill waits this long after its report, so it tests the
-# recovery from that checkpoint rather than this race.
-_SETTLE_S = 5.0
+# Ray Train V2's controller collects workers' reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (0.25 s in a
+# sweep, orchestrator/trial.py); a worker killed before that loses its last report (and the checkpoint with
+# it). A crash/kill drill in a Ray Train worker waits this long after its report, so it tests the recovery
+# from that checkpoint rather than this race. Inline trials need no wait: Tune's report returns only once
+# the driver has taken the result.
+TRAIN_SETTLE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -86,12 +88,12 @@ def fault_for(rules: list[dict[str, Any]], method: str, index: int) -> Fault | N
     return None
 
 
-def after_report(fault: Fault | None, step: int) -> None:
-    """The post-report faults: crash, kill, hang (the watchdog ends a hang)."""
+def after_report(fault: Fault | None, step: int, settle_s: float = 0.0) -> None:
+    """The post-report faults: crash, kill, hang (the watchdog ends a hang), ``settle_s`` after the report."""
     if fault is None or step != fault.step or fault.kind not in ("crash", "kill", "hang"):
         return
     if fault.kind != "hang":
-        time.sleep(_SETTLE_S)
+        time.sleep(settle_s)
     fault.fire()
     if fault.kind == "crash":
         raise RuntimeError(f"injected fault: crash after step {step}")

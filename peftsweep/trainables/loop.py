@@ -492,8 +492,19 @@ def _export(recipe: Recipe, out_dir: Path) -> int:
     with gather or nullcontext():
         if recipe.rank_id == 0:
             meta = search_spaces.export_trained(recipe.trial.method, engine.module, out_dir, recipe.workdir)
+            _name_the_base(out_dir, recipe.spec.base_model_name or recipe.spec.base_model)
             return int(meta["adapter_bytes"])
     return 0
+
+
+def _name_the_base(out_dir: Path, name: str) -> None:
+    """Write the base model into ``adapter_config.json`` as the spec names it (hub id, builtin:NAME, the path
+    as written), not as this machine's absolute path, so the adapter loads on another machine."""
+    config = out_dir / "adapter_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        data["base_model_name_or_path"] = name
+        config.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 def _save_state(recipe: Recipe, ckpt: Path) -> None:
