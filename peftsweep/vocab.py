@@ -106,6 +106,7 @@ TRIAL_METRICS: tuple[str, ...] = (
     "perturbed_fraction",  # SL-SAM
     "tau",  # gradual objective
     "tokens_per_s",
+    "setup_s",  # the trial's start to its first training step: base model, adapter, data, engine
     "peak_memory_mb",  # GPU only
 )
 

@@ -90,6 +90,7 @@ class Recipe:
     stats: dict[str, float] = field(default_factory=lambda: _fresh_stats())
     window: list[float] = field(default_factory=list)  # train losses since the last eval point
     accum: Any = None  # (task loss, objective, guarded) summed over the micro-batches of the current step
+    setup_s: float = 0.0  # seconds from the trial's start to its first training step (model, adapter, data)
     phase: str = "set-up"  # where the trial is (named when it runs out of memory)
 
     @property
@@ -120,12 +121,14 @@ def run_trial(
 
     watch = heartbeat or _Unwatched()
     recipe: Recipe | None = None
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="peftsweep-trial-") as scratch, _free_accelerator_memory():
         try:
             recipe = setup(trial, Path(scratch), watch)
             if resume_from is not None:
                 watch.beat("loading the resume state")
                 recipe.progress = _load_state(recipe, resume_from)
+            recipe.setup_s = time.perf_counter() - started
             train(recipe, report, watch)
         except torch.OutOfMemoryError as exc:
             step = recipe.progress.step if recipe is not None else 0
@@ -427,6 +430,7 @@ def _eval_point(recipe: Recipe, report: Reporter) -> None:
         DIVERGED: 0.0,
         "trainable_params": recipe.trainable_params,
         "resumed_from_step": progress.resumed_from_step,  # 0 unless the trial was restarted
+        "setup_s": recipe.setup_s,
     }
     metrics |= _throughput(recipe)
     if recipe.sam is not None:
