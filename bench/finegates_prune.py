@@ -1,6 +1,6 @@
 """How much does FineGates prune, and how much faster is the pruned model? (a benchmark, not a test)
 
-Trains FineGates briefly on the built-in task with the real per-worker loop (`run_trial`, DeepSpeed, no Ray),
+Trains FineGates briefly on the built-in task with the real per-worker loop (`run_trial`, no Ray),
 loads the exported pruned model through `load_trained`, and times it against the untouched base model on one
 fixed batch (median of alternated forwards). Writes JSON to bench/results/finegates_prune.json.
 
@@ -21,7 +21,9 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from peftsweep.spec import TrainingSpec, parse_spec  # noqa: E402
-from peftsweep.trainables.loop import init_standalone, resolve_base_model, run_trial  # noqa: E402
+from peftsweep.trainables.loop import run_trial  # noqa: E402
+from peftsweep.trainables.model import resolve_base_model  # noqa: E402
+from peftsweep.trainables.trial_config import standalone_trial  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +48,6 @@ def main() -> None:
     from peftsweep.search_spaces.finegates import MANIFEST_FILE, prune_report
 
     torch.set_num_threads(1)
-    init_standalone()
     spec = parse_spec(
         {
             "name": "finegates-prune",
@@ -67,7 +68,7 @@ def main() -> None:
             result["manifest"] = json.loads((adapter_dir / MANIFEST_FILE).read_text())
 
     t0 = time.perf_counter()
-    run_trial(spec, "finegates", args.lr, 0, args.seed, report)
+    run_trial(standalone_trial(spec, "finegates", args.lr, 0, args.seed), report)
     train_s = time.perf_counter() - t0
 
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)

@@ -2,8 +2,10 @@
 
 The search-efficiency benchmark (`bench/search_efficiency.py`) replays search strategies against this table,
 so the table must hold whole learning curves, not just final scores. Each run is the real per-worker loop
-(`peftsweep.trainables.loop.run_trial`, DeepSpeed included, no Ray) with the quickstart's training settings
-except `eval_every` (denser, so ASHA has rungs to replay) and no forgetting data (not part of the metric).
+(`peftsweep.trainables.loop.run_trial`, no Ray; the engine is the loop's default, and the torch and
+DeepSpeed engines train the same losses to 1e-5: tests/trainables/test_loop.py) with the quickstart's
+training settings except `eval_every` (denser, so ASHA has rungs to replay) and no forgetting data (not
+part of the metric).
 
 Resumable: every finished run is appended to `bench/results/grid.jsonl` (one JSON line per run), and runs
 already there are skipped, so a cut-off session continues where it stopped. That file is the table.
@@ -126,11 +128,11 @@ def main() -> None:
     if not args.summary_only:
         import torch
 
-        from peftsweep.trainables.loop import init_standalone, run_trial
+        from peftsweep.trainables.loop import run_trial
         from peftsweep.trainables.prepared import prepare_data
+        from peftsweep.trainables.trial_config import standalone_trial
 
         torch.set_num_threads(1)
-        init_standalone()
         spec = grid_spec(args.eval_every, args.root)
         data_dir = prepare_data(spec)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +149,9 @@ def main() -> None:
         for i, (method, rank, lr, seed) in enumerate(todo, 1):
             reports: list[dict[str, Any]] = []
             t0 = time.perf_counter()
-            run_trial(spec, method, lr, rank, seed, lambda m, _d, o=reports: o.append(m), data_dir=data_dir)
+            run_trial(
+                standalone_trial(spec, method, lr, rank, seed, data_dir), lambda m, _d, o=reports: o.append(m)
+            )
             run = {
                 "method": method,
                 "rank": rank,

@@ -1,6 +1,6 @@
 """How much does the learning rate matter on the built-in task? (a benchmark, not a test)
 
-Runs the real per-worker training loop (`peftsweep.trainables.loop.run_trial`, DeepSpeed included, no Ray)
+Runs the real per-worker training loop (`peftsweep.trainables.loop.run_trial`, no Ray)
 for each method over a half-decade LR grid and several seeds, then prints exact match per LR and the metric
 at each method's best LR against ≈30× lower and ≈30× higher (three half-decades). Writes JSON to
 bench/results/lr_sensitivity.json.
@@ -23,7 +23,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from peftsweep.spec import TrainingSpec, parse_spec  # noqa: E402
-from peftsweep.trainables.loop import init_standalone, run_trial  # noqa: E402
+from peftsweep.trainables.loop import run_trial  # noqa: E402
+from peftsweep.trainables.trial_config import standalone_trial  # noqa: E402
 
 GRID = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]  # half-decade steps: 3 steps ≈ 30×
 
@@ -44,7 +45,6 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    init_standalone()
     spec = parse_spec(
         {
             "name": "lr-sensitivity",
@@ -60,7 +60,10 @@ def main() -> None:
             for seed in args.seeds:
                 reports: list[dict] = []
                 t0 = time.perf_counter()
-                run_trial(spec, method, lr, args.rank, seed, lambda m, _d, out=reports: out.append(m))
+                run_trial(
+                    standalone_trial(spec, method, lr, args.rank, seed),
+                    lambda m, _d, out=reports: out.append(m),
+                )
                 rows.append(
                     {
                         "method": method,

@@ -1,21 +1,24 @@
-"""What does the orchestration cost? `peftsweep run` vs a bare script running the same trials (a benchmark).
+"""What does the orchestration cost? peftsweep against the hand-glued peer and a bare loop (a benchmark).
 
-wall     (a) `peftsweep run SPEC` (a subprocess: Ray, Ray Train, DeepSpeed, MLflow, Optuna, report,
-         registry) with 8 LoRA trials of `--steps` steps (no early stopping: every trial runs in full), then
-         (b) this file as a bare script (`--bare`, a subprocess) running the same 8 (lr, rank) configs
-         through the same per-worker loop `run_trial`, 2 at a time in 2 processes like the sweep's 2
-         concurrent trials, with no Ray/MLflow/Optuna. Reports the wall ratio, cold start (command start →
-         first trial's first training step), and per trial: setup phases of the loop (model build, adapter
-         init, DeepSpeed initialize, base eval; from the loop's heartbeats) and the Ray-side extra (Tune
-         trial time to its last report minus the bare trial's: Ray Train controller + worker group start +
-         report/checkpoint rounds).
-memory   the driver's RSS over 200 trivial trials (the trainable reports once) through the real searcher,
-         scheduler and MLflow trial recorder (`_search_method` + `TrialRecorder`).
+fixed    per-trial fixed cost, one trial at a time, side by side in one run: the peer
+         (`../shared/peer/glue_sweep.py`: Tune + Train V2 TorchTrainer per trial + OptunaSearch + MLflow
+         callback) and `peftsweep run` (inline executor), each on `--fixed-trials` tiny trials of
+         `--fixed-steps` steps. Both compute (Tune fit time − the same trials' bare in-process time) / trials.
+         For peftsweep the fit time is `run_methods` (one Tune run for the sweep), timed from outside.
+wall     `peftsweep run` (a subprocess: Ray, Tune, MLflow, Optuna, report, registry) with `--trials` LoRA
+         trials of `--steps` steps (no early stopping), 2 at a time, against this file as a bare script
+         running the same configs through the same loop (`run_trial`) 2 at a time in 2 processes with no
+         Ray/MLflow/Optuna. Wall ratio of the two commands, and cold start (command start → first training
+         step: the first trial's MLflow run start + its reported setup_s; the bare script likewise).
+train    two-worker Ray Train `TorchTrainer` + DeepSpeed trials (`--train-trials` of `--fixed-steps` steps,
+         one at a time) with Ray Train's defaults (controller poll 2 s, preemption watcher on: what a trial
+         cost before issue 17) and with peftsweep's settings (`orchestrator.trial.TRAIN_ENV`): per-trial wall.
+memory   the driver's RSS over `--memory-trials` trivial trials through the real searcher, scheduler and
+         MLflow recorder (`run_methods` + `TrialRecorder`), and the recorder's time per trial.
 
-Cold start of (a) is estimated: the first Tune result's timestamp (1 s resolution) minus the bare run's
-training time of the same config up to its first report. Writes bench/results/overhead.json.
+Run on a quiet machine (nothing else running). Writes bench/results/overhead.json.
 
-    nice -n 19 .venv/bin/python bench/overhead.py [--parts wall memory] [--steps 3600] [--trials 8]
+    nice -n 19 .venv/bin/python bench/overhead.py [--parts fixed wall train memory] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -40,138 +43,224 @@ from grid import QUICKSTART, RESULTS  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from peftsweep.spec import SweepSpec, load_spec  # noqa: E402
+from peftsweep.spec import SweepSpec, load_spec, parse_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+PEER = ROOT.parent / "shared" / "peer" / "glue_sweep.py"
 METHOD = "lora"
-TARGET = 1.10  # issue 8: peftsweep run within 10 % of the bare loop's wall time for trials of ≥ 60 s
-SETUP_BEATS = 5  # the loop's heartbeats before the first step: start, model, adapter, DeepSpeed, base eval
-PHASES = ["model build", "adapter init", "DeepSpeed initialize + data", "base eval (forgetting)"]
+TARGETS = {"fixed_vs_peer": 0.10, "wall_ratio": 1.10, "cold_start_s": 15.0}  # issue 17's acceptance
 RSS_EVERY = 10  # trials between driver RSS samples
 
 
-def overhead_spec(steps: int, trials: int, root: Path) -> dict[str, Any]:
-    """The quickstart (LoRA only) with long trials, no early stopping and no confirmation runs."""
+def bench_spec(root: Path, trials: int, steps: int, concurrent: int, **resources: Any) -> dict[str, Any]:
+    """The quickstart, LoRA only, every trial in full (no early stopping, no confirmation runs)."""
     raw = load_spec(QUICKSTART).model_dump(mode="json")
     raw["name"] = "overhead"
     raw["methods"] = [m for m in raw["methods"] if m["name"] == METHOD]
+    raw.pop("forgetting")
     raw["search"] |= {"trials_per_method": trials, "early_stopping": "none", "confirm_seeds": 0}
-    raw["training"] |= {"max_steps": steps, "eval_every": steps // 2}  # two evals a trial, as the quickstart
+    raw["search"]["n_startup_trials"] = trials  # the same random configs on both sides, no TPE model time
+    raw["training"] |= {"max_steps": steps, "eval_every": max(1, steps // 2)}  # two evals, as the quickstart
+    raw["resources"] |= {"max_concurrent_trials": concurrent, **resources}
     raw["tracking"]["root"] = str(root)
     return raw
 
 
-def bare_trial(spec_json: dict[str, Any], data_dir: str, lr: float, rank: int) -> dict[str, Any]:
-    """One trial in a fresh process: the loop's heartbeat and report times (time.time())."""
-    from peftsweep.trainables.loop import init_standalone, run_trial
-
-    init_standalone()
-    spec = SweepSpec.model_validate(spec_json)
-    beats: list[float] = []
-    reports: list[float] = []
-    start = time.time()
-    run_trial(
-        spec,
-        METHOD,
-        lr,
-        rank,
-        spec.training.seed,
-        lambda _m, _d: reports.append(time.time()),
-        data_dir=Path(data_dir),
-        heartbeat=lambda: beats.append(time.time()) if len(beats) <= SETUP_BEATS else None,
-    )
-    return {"lr": lr, "rank": rank, "start": start, "beats": beats, "reports": reports, "end": time.time()}
+def configs(n: int) -> list[dict[str, float]]:
+    """The (lr, rank) points both sides train: spread over the quickstart's range, ranks alternating."""
+    return [{"lr": 10 ** (-3 + 1.5 * i / max(1, n - 1)), "rank": (4, 8)[i % 2]} for i in range(n)]
 
 
-def bare_side(spec_path: Path, configs_path: Path, out_path: Path) -> None:
-    """(b): the same trials, 2 processes at a time, no Ray/MLflow/Optuna (run as `overhead.py --bare`)."""
+def bare_trial(spec: SweepSpec, data_dir: str, lr: float, rank: int) -> dict[str, float]:
+    """One trial through the loop, no Ray: its wall time and its setup_s."""
+    from peftsweep.trainables.loop import run_trial
+    from peftsweep.trainables.trial_config import standalone_trial
+
+    t0 = time.perf_counter()
+    reports: list[dict[str, Any]] = []
+    run_trial(standalone_trial(spec, METHOD, lr, rank, 0, Path(data_dir)), lambda m, _d: reports.append(m))
+    return {"seconds": time.perf_counter() - t0, "setup_s": float(reports[0]["setup_s"])}
+
+
+# --- fixed: per-trial fixed cost against the peer ---
+
+
+def fixed_side(work: Path, trials: int, steps: int) -> dict[str, Any]:
+    """In this process: the bare trials (after one warm-up), then `run_sweep` with `run_methods` timed."""
+    from peftsweep.orchestrator import sweep
     from peftsweep.trainables.prepared import prepare_data
 
+    shutil.rmtree(work, ignore_errors=True)
+    spec = parse_spec(bench_spec(work, trials, steps, concurrent=1))
+    data_dir = str(prepare_data(spec))
+    bare_trial(spec, data_dir, 1e-3, 4)  # warm-up: imports and first-call costs are not the trials' own
+    bare = [bare_trial(spec, data_dir, c["lr"], c["rank"])["seconds"] for c in configs(trials)]
+    timed: dict[str, float] = {}
+    real = sweep.run_methods
+
+    def timed_run_methods(*args: Any, **kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        real(*args, **kwargs)
+        timed["fit_s"] = time.perf_counter() - t0
+
+    sweep.run_methods = timed_run_methods  # the bench's stopwatch around the one Tune run of the sweep
+    try:
+        sweep.run_sweep(spec)
+    finally:
+        sweep.run_methods = real
+    fit = timed["fit_s"]
+    return {"bare_s": bare, "fit_s": fit, "per_trial_fixed_s": (fit - sum(bare)) / trials}
+
+
+def fixed(args: argparse.Namespace, console: Console, rnd: int) -> dict[str, Any]:
+    """One round: the peer, then peftsweep, each a fresh process."""
+    out = args.work / f"fixed-{rnd}"
+    out.mkdir(parents=True, exist_ok=True)
+    peer_json = out / "peer.json"
+    peer_cmd = [
+        sys.executable,
+        str(PEER),
+        "--trials",
+        str(args.fixed_trials),
+        "--steps",
+        str(args.fixed_steps),
+    ]
+    peer_cmd += ["--report-every", str(max(1, args.fixed_steps // 2)), "--out", str(peer_json)]
+    console.print(f"[fixed {rnd}] peer: {' '.join(peer_cmd[1:])}")
+    subprocess.run(peer_cmd, check=True, capture_output=True, cwd=out)
+    ours_json = out / "peftsweep.json"
+    cmd = [sys.executable, __file__, "--side", "fixed", str(out / "runs"), str(ours_json)]
+    cmd += ["--fixed-trials", str(args.fixed_trials), "--fixed-steps", str(args.fixed_steps)]
+    console.print(
+        f"[fixed {rnd}] peftsweep run, {args.fixed_trials} × {args.fixed_steps} steps, one at a time"
+    )
+    subprocess.run(cmd, check=True, capture_output=True, cwd=out)
+    peer, ours = json.loads(peer_json.read_text()), json.loads(ours_json.read_text())
+    return {
+        "peer_per_trial_fixed_s": peer["per_trial_fixed_s"],
+        "peer": peer,
+        "peftsweep_per_trial_fixed_s": ours["per_trial_fixed_s"],
+        "peftsweep": ours,
+        "ratio": ours["per_trial_fixed_s"] / peer["per_trial_fixed_s"],
+    }
+
+
+# --- wall: the whole command against a bare script ---
+
+
+def bare_side(spec_path: Path, out_path: Path, trials: int) -> None:
+    """This file as the bare script: the same configs through `run_trial`, 2 processes at a time."""
+    from peftsweep.trainables.prepared import prepare_data
+
+    t0 = time.perf_counter()
     spec = load_spec(spec_path)
-    data_dir = prepare_data(spec)
-    configs = json.loads(configs_path.read_text())
-    spec_json = spec.model_dump(mode="json")
-    concurrent = spec.resources.max_concurrent_trials
-    with ProcessPoolExecutor(concurrent, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(bare_trial, spec_json, str(data_dir), c["lr"], c["rank"]) for c in configs]
-        out_path.write_text(json.dumps([f.result() for f in futures]))
+    data_dir = str(prepare_data(spec))
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        runs = list(pool.map(_bare_in_pool, [(str(spec_path), data_dir, c) for c in configs(trials)]))
+    out_path.write_text(json.dumps({"wall_s": time.perf_counter() - t0, "trials": runs}))
 
 
-def tune_results(root: Path) -> list[dict[str, Any]]:
-    """Every Tune trial's reports (result.json lines) of the sweep under ``root``."""
-    trials = []
-    for path in sorted((root / "ray" / "tune").glob("*/*/result.json")):
-        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        if lines:
-            trials.append(
-                {"lr": lines[0]["config"]["lr"], "rank": lines[0]["config"]["rank"], "reports": lines}
-            )
-    return trials
+def _bare_in_pool(job: tuple[str, str, dict[str, float]]) -> dict[str, float]:
+    spec_path, data_dir, config = job
+    started_wall = time.time()
+    result = bare_trial(load_spec(spec_path), data_dir, config["lr"], int(config["rank"]))
+    return result | {"started_wall": started_wall}
 
 
 def wall(args: argparse.Namespace, console: Console, rnd: int) -> dict[str, Any]:
-    work = args.work / f"round{rnd}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    spec_a = work / "sweep.yaml"
-    import yaml
+    from mlflow.tracking import MlflowClient
 
-    spec_a.write_text(yaml.safe_dump(overhead_spec(args.steps, args.trials, work / "sweep")))
-    t0_a = time.time()
-    with (work / "sweep.log").open("w") as log:
-        subprocess.run(
-            [str(ROOT / ".venv" / "bin" / "peftsweep"), "run", str(spec_a)], stdout=log, stderr=log
-        )
-    wall_a = time.time() - t0_a
-    ray_trials = tune_results(work / "sweep")
-    configs = [{"lr": t["lr"], "rank": t["rank"]} for t in ray_trials]
-    console.print(f"round {rnd}: peftsweep run {wall_a:.0f} s, {len(configs)} trials")
-
-    spec_b = work / "bare.yaml"
-    spec_b.write_text(yaml.safe_dump(overhead_spec(args.steps, args.trials, work / "bare")))
-    (work / "configs.json").write_text(json.dumps(configs))
+    out = args.work / f"wall-{rnd}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    spec_path = out / "overhead.yaml"
+    spec_path.write_text(json.dumps(bench_spec(out / "runs", args.trials, args.steps, concurrent=2)))
+    cli = str(Path(sys.executable).with_name("peftsweep"))
+    console.print(f"[wall {rnd}] peftsweep run: {args.trials} trials × {args.steps} steps, 2 at a time")
     t0 = time.time()
-    cmd = [
-        sys.executable,
-        __file__,
-        "--bare",
-        str(spec_b),
-        str(work / "configs.json"),
-        str(work / "bare.json"),
-    ]
-    with (work / "bare.log").open("w") as log:
-        subprocess.run(cmd, stdout=log, stderr=log, check=True)
-    wall_b = time.time() - t0
-    bare = json.loads((work / "bare.json").read_text())
-    console.print(f"round {rnd}: bare script {wall_b:.0f} s")
-
-    # Per trial: setup phases (bare), and the Ray-side extra = Tune's time to the last report − bare's.
-    phases = {p: [b["beats"][i + 1] - b["beats"][i] for b in bare] for i, p in enumerate(PHASES)}
-    by_cfg = {(b["lr"], b["rank"]): b for b in bare}
-    extra = [
-        t["reports"][-1]["time_total_s"] - (b["reports"][-1] - b["start"])
-        for t in ray_trials
-        if (b := by_cfg.get((t["lr"], t["rank"])))
-    ]
-    train_s = [b["reports"][-1] - b["beats"][SETUP_BEATS - 1] for b in bare]
-    first_b = min(bare, key=lambda b: b["start"])
-    first_a = min(ray_trials, key=lambda t: t["reports"][0]["timestamp"])
-    twin = by_cfg[(first_a["lr"], first_a["rank"])]
+    subprocess.run([cli, "run", str(spec_path)], check=True, capture_output=True, cwd=out)
+    ours = time.time() - t0
+    spec = load_spec(spec_path)
+    client = MlflowClient(spec.tracking.mlflow_tracking_uri())
+    exp = client.get_experiment_by_name(spec.name)
+    runs = client.search_runs([exp.experiment_id], "tags.`peftsweep.level` = 'trial'", max_results=100)
+    first = min(runs, key=lambda r: r.info.start_time)
+    cold = first.info.start_time / 1000 + first.data.metrics["setup_s"] - t0
+    console.print(f"[wall {rnd}] bare script: the same configs through run_trial, 2 processes")
+    bare_json = out / "bare.json"
+    t1 = time.time()
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--side",
+            "bare",
+            str(spec_path),
+            str(bare_json),
+            "--trials",
+            str(args.trials),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=out,
+    )
+    bare = time.time() - t1
+    bare_run = json.loads(bare_json.read_text())
+    first_bare = min(bare_run["trials"], key=lambda r: r["started_wall"])
     return {
-        "wall_peftsweep_s": wall_a,
-        "wall_bare_s": wall_b,
-        "ratio": wall_a / wall_b,
-        "trial_train_s_median": statistics.median(train_s),
-        "cold_start_bare_s": first_b["beats"][SETUP_BEATS - 1] - t0,
-        "cold_start_peftsweep_s": first_a["reports"][0]["timestamp"]
-        - (twin["reports"][0] - twin["beats"][SETUP_BEATS - 1])
-        - t0_a,
-        "phases_median_s": {p: statistics.median(v) for p, v in phases.items()},
-        "ray_extra_per_trial_s": extra,
-        "configs": configs,
-        "bare_trials": bare,
-        "ray_trials": [{k: t[k] for k in ("lr", "rank")} | {"reports": t["reports"]} for t in ray_trials],
+        "wall_peftsweep_s": ours,
+        "wall_bare_s": bare,
+        "ratio": ours / bare,
+        "cold_start_peftsweep_s": cold,
+        "cold_start_bare_s": first_bare["started_wall"] + first_bare["setup_s"] - t1,
+        "trial_s_median": statistics.median(r["seconds"] for r in bare_run["trials"]),
     }
+
+
+# --- train: two-worker TorchTrainer trials, Ray Train's defaults vs peftsweep's settings ---
+
+
+def train_side(work: Path, out_path: Path, trials: int, steps: int) -> None:
+    from peftsweep.orchestrator import sweep
+
+    shutil.rmtree(work, ignore_errors=True)
+    raw = bench_spec(work, trials, steps, concurrent=1, workers_per_trial=2, cpus_per_worker=0.45)
+    timed: dict[str, float] = {}
+    real = sweep.run_methods
+
+    def timed_run_methods(*a: Any, **k: Any) -> None:
+        t0 = time.perf_counter()
+        real(*a, **k)
+        timed["fit_s"] = time.perf_counter() - t0
+
+    sweep.run_methods = timed_run_methods
+    try:
+        sweep.run_sweep(parse_spec(raw))
+    finally:
+        sweep.run_methods = real
+    out_path.write_text(json.dumps({"fit_s": timed["fit_s"], "per_trial_s": timed["fit_s"] / trials}))
+
+
+def train(args: argparse.Namespace, console: Console, rnd: int) -> dict[str, Any]:
+    from peftsweep.orchestrator.trial import TRAIN_ENV
+
+    result = {}
+    defaults = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
+    for arm, env in (("ray_defaults", defaults), ("peftsweep", TRAIN_ENV)):
+        out = args.work / f"train-{rnd}-{arm}"
+        out.mkdir(parents=True, exist_ok=True)
+        console.print(
+            f"[train {rnd}] {arm}: {args.train_trials} two-worker trials × {args.fixed_steps} steps"
+        )
+        cmd = [sys.executable, __file__, "--side", "train", str(out / "runs"), str(out / "r.json")]
+        cmd += ["--train-trials", str(args.train_trials), "--fixed-steps", str(args.fixed_steps)]
+        subprocess.run(cmd, check=True, capture_output=True, cwd=out, env=os.environ | env)
+        result[arm] = json.loads((out / "r.json").read_text())
+    result["saved_per_trial_s"] = result["ray_defaults"]["per_trial_s"] - result["peftsweep"]["per_trial_s"]
+    return result
+
+
+# --- memory: driver RSS over many trivial trials ---
 
 
 def memory(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -179,15 +268,15 @@ def memory(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from ray import tune
 
     from peftsweep import cluster
-    from peftsweep.orchestrator.sweep import _search_method
+    from peftsweep.orchestrator.methods import MethodRun
+    from peftsweep.orchestrator.sweep import method_searcher, run_methods
     from peftsweep.orchestrator.tracking import SweepTracker, TrialRecorder
 
     work = args.work / "memory"
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    raw = overhead_spec(150, args.memory_trials, work)
-    raw["search"]["early_stopping"] = "asha"
-    spec = SweepSpec.model_validate(raw)
+    raw = bench_spec(work, args.memory_trials, 150, concurrent=2)
+    raw["search"] |= {"early_stopping": "asha", "n_startup_trials": 3}
+    spec = parse_spec(raw)
 
     class RssSampler(tune.Callback):
         """The driver's RSS (MiB) before the first trial and every RSS_EVERY completed trials."""
@@ -203,8 +292,7 @@ def memory(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             return self.process.memory_info().rss / 2**20
 
         def __reduce__(self) -> tuple:
-            # Tune pickles its callbacks into the experiment state: a no-op copy there
-            return (tune.Callback, ())
+            return (tune.Callback, ())  # Tune pickles its callbacks into the experiment state
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
@@ -214,8 +302,8 @@ def memory(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     class TimedRecorder(TrialRecorder):
         """The real MLflow recorder, timing its driver-side work per trial (start + results + finish)."""
 
-        def __init__(self, tracker: SweepTracker, method: str) -> None:
-            super().__init__(tracker, method)
+        def __init__(self, tracker: SweepTracker) -> None:
+            super().__init__(tracker)
             self.seconds: dict[str, float] = {}
 
         def _timed(self, hook: Any, trial: Any, *a: Any, **kw: Any) -> None:
@@ -236,12 +324,17 @@ def memory(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
     started = cluster.connect()
     try:
+        spec.tracking.root.mkdir(parents=True)
         tracker = SweepTracker(spec)
         tracker.start_method(METHOD)
-        rss = RssSampler()
-        recorder = TimedRecorder(tracker, METHOD)
-        trivial = tune.with_resources(_trivial_trial, {"cpu": spec.resources.trial_driver_cpus})
-        _search_method(spec, METHOD, [recorder, rss], work, trainable=trivial)
+        rss, recorder = RssSampler(), TimedRecorder(tracker)
+        run = MethodRun(
+            METHOD,
+            start_search=lambda: method_searcher(spec, METHOD, work, args.memory_trials),
+            start_confirm=lambda: None,
+        )
+        trivial = tune.with_resources(_trivial_trial, {"cpu": 0.5})
+        run_methods(spec, [run], [recorder, rss], trainable=trivial)
         tracker.finish_method(METHOD)
         tracker.finish_sweep("FINISHED")
     finally:
@@ -250,16 +343,16 @@ def memory(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     samples = rss.samples
     first = samples[1][1] if len(samples) > 1 else samples[0][1]
     mlflow_s = sorted(recorder.seconds.values())
-    console.print(
-        f"driver RSS: {samples[0][1]:.0f} MiB before, {samples[-1][1]:.0f} MiB after {samples[-1][0]}"
-    )
     return {
         "trials": args.memory_trials,
         "rss_mib": samples,
         "growth_mib": samples[-1][1] - samples[0][1],
         "growth_after_first_10_mib": samples[-1][1] - first,
-        "mlflow_per_trial_s": mlflow_s,
+        "mib_per_1000_trials_after_first_10": 1000
+        * (samples[-1][1] - first)
+        / max(1, samples[-1][0] - RSS_EVERY),
         "mlflow_per_trial_median_s": statistics.median(mlflow_s) if mlflow_s else None,
+        "mlflow_per_trial_max_s": max(mlflow_s) if mlflow_s else None,
     }
 
 
@@ -269,69 +362,103 @@ def _trivial_trial(config: dict[str, Any]) -> None:
 
     from ray import tune
 
-    tune.report({"step": 150, "exact_match": 1.0 / (1.0 + abs(math.log10(config["lr"]) + 2.0))})
+    from peftsweep.trainables.trial_config import TRIAL_KEY
+
+    lr = config[TRIAL_KEY].lr
+    tune.report({"step": 150, "exact_match": 1.0 / (1.0 + abs(math.log10(lr) + 2.0))})
+
+
+# --- main ---
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["wall", "memory"], choices=["wall", "memory"])
-    parser.add_argument("--steps", type=int, default=3600, help="steps per trial (≈ 50 s, quiet core)")
-    parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=1, help="(a) then (b), this many times")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["fixed", "wall", "train", "memory"],
+        choices=["fixed", "wall", "train", "memory"],
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="side-by-side rounds of fixed/wall/train")
+    parser.add_argument("--fixed-trials", type=int, default=8)
+    parser.add_argument("--fixed-steps", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=8, help="wall: trials (2 at a time)")
+    parser.add_argument(
+        "--steps", type=int, default=2400, help="wall: steps a trial (≈ 30 s on a quiet core)"
+    )
+    parser.add_argument("--train-trials", type=int, default=4)
     parser.add_argument("--memory-trials", type=int, default=200)
     parser.add_argument("--work", type=Path, default=ROOT / "peftsweep-runs" / "bench-overhead")
     parser.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
-    parser.add_argument(
-        "--bare", nargs=3, type=Path, metavar=("SPEC", "CONFIGS", "OUT"), help=argparse.SUPPRESS
-    )
+    parser.add_argument("--side", nargs=3, metavar=("KIND", "PATH", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.bare:
-        bare_side(*args.bare)
+    if args.side:
+        kind, path, out = args.side
+        if kind == "fixed":
+            Path(out).write_text(json.dumps(fixed_side(Path(path), args.fixed_trials, args.fixed_steps)))
+        elif kind == "bare":
+            bare_side(Path(path), Path(out), args.trials)
+        else:
+            train_side(Path(path), Path(out), args.train_trials, args.fixed_steps)
         return
+    args.work.mkdir(parents=True, exist_ok=True)
     console = Console(width=160)
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
-    if "wall" in args.parts:
-        result["wall"] = [wall(args, console, rnd) for rnd in range(args.rounds)]
-        result["steps"] = args.steps
-        args.out.write_text(json.dumps(result, indent=1))
+    result["targets"] = TARGETS
+    for part, run in (("fixed", fixed), ("wall", wall), ("train", train)):
+        if part in args.parts:
+            result[part] = [run(args, console, rnd) for rnd in range(args.rounds)]
+            result[f"{part}_settings"] = {
+                k: v for k, v in vars(args).items() if k not in ("work", "out", "side")
+            }
+            args.out.write_text(json.dumps(result, indent=1, default=str))
     if "memory" in args.parts:
         result["memory"] = memory(args, console)
-        args.out.write_text(json.dumps(result, indent=1))
+        args.out.write_text(json.dumps(result, indent=1, default=str))
     print_tables(result, console)
     console.print(f"wrote {args.out}")
 
 
 def print_tables(result: dict[str, Any], console: Console) -> None:
+    if result.get("fixed"):
+        table = Table(title="per-trial fixed cost, one trial at a time: (Tune fit − bare trials) / trials")
+        for col in ("round", "peer s", "peftsweep s", "peftsweep / peer", "target"):
+            table.add_column(col, justify="right")
+        for i, f in enumerate(result["fixed"]):
+            table.add_row(
+                str(i), f"{f['peer_per_trial_fixed_s']:.2f}", f"{f['peftsweep_per_trial_fixed_s']:.2f}",
+                f"{f['ratio']:.3f}", f"≤ {TARGETS['fixed_vs_peer']}",
+            )  # fmt: skip
+        console.print(table)
     if result.get("wall"):
-        table = Table(title=f"peftsweep run vs bare loop, {result['steps']} steps a trial")
-        for col in ("round", "trial train s", "peftsweep s", "bare s", "ratio", "cold start a / b s",
-                    "Ray extra per trial s (median)"):  # fmt: skip
+        table = Table(title="peftsweep run vs a bare script, the same trials 2 at a time")
+        for col in ("round", "trial s", "peftsweep s", "bare s", "ratio", "cold start peftsweep / bare s"):
             table.add_column(col, justify="right")
         for i, w in enumerate(result["wall"]):
             table.add_row(
-                str(i), f"{w['trial_train_s_median']:.0f}", f"{w['wall_peftsweep_s']:.0f}",
+                str(i), f"{w['trial_s_median']:.0f}", f"{w['wall_peftsweep_s']:.0f}",
                 f"{w['wall_bare_s']:.0f}", f"{w['ratio']:.3f}",
-                f"{w['cold_start_peftsweep_s']:.0f} / {w['cold_start_bare_s']:.0f}",
-                f"{statistics.median(w['ray_extra_per_trial_s']):.1f}",
+                f"{w['cold_start_peftsweep_s']:.1f} / {w['cold_start_bare_s']:.1f}",
             )  # fmt: skip
         console.print(table)
-        phases = Table(title="per-trial setup in the loop (bare side, median s)")
-        for p in PHASES:
-            phases.add_column(p, justify="right")
-        phases.add_row(*[f"{result['wall'][-1]['phases_median_s'][p]:.2f}" for p in PHASES])
-        console.print(phases)
+    if result.get("train"):
+        table = Table(title="two-worker TorchTrainer + DeepSpeed trials: wall per trial")
+        for col in ("round", "Ray Train defaults s", "peftsweep settings s", "saved s"):
+            table.add_column(col, justify="right")
+        for i, t in enumerate(result["train"]):
+            table.add_row(
+                str(i), f"{t['ray_defaults']['per_trial_s']:.1f}", f"{t['peftsweep']['per_trial_s']:.1f}",
+                f"{t['saved_per_trial_s']:.1f}",
+            )  # fmt: skip
+        console.print(table)
     if result.get("memory"):
         m = result["memory"]
         console.print(
             f"driver RSS over {m['trials']} trivial trials: +{m['growth_mib']:.0f} MiB "
-            f"(+{m['growth_after_first_10_mib']:.0f} MiB after the first {RSS_EVERY})"
+            f"(+{m['growth_after_first_10_mib']:.0f} MiB after the first {RSS_EVERY}; "
+            f"{m['mib_per_1000_trials_after_first_10']:.0f} MiB per 1,000 trials); MLflow on the driver per "
+            f"trial: median {1000 * m['mlflow_per_trial_median_s']:.0f} ms"
         )
-        if m.get("mlflow_per_trial_median_s") is not None:
-            console.print(
-                "MLflow logging on the driver per trial (start + results + finish): "
-                f"median {1000 * m['mlflow_per_trial_median_s']:.0f} ms, "
-                f"max {1000 * max(m['mlflow_per_trial_s']):.0f} ms"
-            )
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     if any(ENGINES[e] is not None for e in args.engines):
-        from peftsweep.trainables.loop import init_standalone
+        from peftsweep.trainables.engine import init_standalone
 
         init_standalone()
     console = Console(width=160)
