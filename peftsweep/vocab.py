@@ -13,6 +13,8 @@ from typing import Literal, NamedTuple
 # --- data ---
 
 DataFormat = Literal["prompt_completion", "math", "classification", "qa", "instruction", "chat", "code"]
+# Which assistant turns of a chat row carry loss: every one, or only the last (the one evaluation generates).
+ChatLoss = Literal["all_assistant", "last_assistant"]
 BUILTIN_PREFIX = "builtin:"  # task strings naming a packaged task, e.g. "builtin:arith-sub"
 HF_PREFIX = "hf:"  # task strings naming a Hugging Face Hub dataset, e.g. "hf:openai/gsm8k:main"
 
@@ -42,7 +44,8 @@ FORMAT_ROLES: dict[str, dict[str, Role]] = {
         "input": Role("input", False),
         "output": Role("output", True),
     },
-    # A list of {"role", "content"}; the last one is the assistant's completion, the others the prompt.
+    # A conversation, per row either OpenAI-style [{"role", "content"}] (system/user/assistant) or ShareGPT
+    # [{"from", "value"}] (system/human/gpt); it ends with the assistant turn that evaluation generates.
     "chat": {"messages": Role("messages", True)},
     # tests (assert statements, a string or a list of strings) are optional for training but needed by the
     # pass@k metric: see formats.has_tests().
