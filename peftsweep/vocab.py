@@ -60,14 +60,16 @@ FORMATS: tuple[str, ...] = tuple(FORMAT_ROLES)
 # --- metrics ---
 
 ALWAYS: tuple[str, ...] = ("eval_loss",)
-# Metric keys are MLflow metric names, hence "pass_at_k" rather than "pass@k".
+# Metric keys are MLflow metric names, hence "pass_at_k" rather than "pass@k". A format's first metric is its
+# default search.metric. Free text (qa, instruction, chat) defaults to token F1: exact match scores a right
+# answer worded differently as 0, so it stays flat until late in training and separates LRs poorly.
 FORMAT_METRICS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("exact_match", "number_match", "token_f1"),
     "math": ("number_match", "exact_match"),
     "classification": ("accuracy", "macro_f1"),
-    "qa": ("exact_match", "token_f1"),
-    "instruction": ("exact_match", "token_f1"),
-    "chat": ("exact_match", "token_f1"),
+    "qa": ("token_f1", "exact_match"),
+    "instruction": ("token_f1", "exact_match"),
+    "chat": ("token_f1", "exact_match"),
     "code": ("pass_at_k", "exact_match"),
 }
 LOWER_IS_BETTER: frozenset[str] = frozenset({"eval_loss", "forgetting"})
