@@ -87,3 +87,61 @@ def test_each_format_trains_and_reports_its_metrics(fmt: str, ascii_base: Path, 
         assert 0.0 <= last[name] <= 1.0, name
         assert 0.0 <= last[f"test_{name}"] <= 1.0, name  # single files get an 80/10/10 split
     assert last["eval_loss"] > 0 and last[spec.search.metric] == last[FORMAT_METRICS[fmt][0]]
+
+
+def test_the_chat_example_runs_through_a_real_chat_template(tmp_path: Path) -> None:
+    """examples/chat.yaml's data section on a tiny Llama with the Qwen2.5 (ChatML) template fixture.
+
+    The example's own base model is a hub download; this stand-in has the same template and special tokens.
+    Both answers of the two-turn row are trained, and the loop reports the chat metrics (token F1 first).
+    """
+    import shutil
+
+    import torch
+    import yaml
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from peftsweep.trainables.data import IGNORE_INDEX
+    from peftsweep.trainables.prepared import load_prepared, prepare_data
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers" / "qwen2.5"
+    base = tmp_path / "base"
+    shutil.copytree(fixture, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(base)
+
+    example = yaml.safe_load((EXAMPLES / "chat.yaml").read_text())
+    init_standalone()
+    spec = parse_spec(
+        {
+            "name": "chat-example",
+            "base_model": str(base),
+            "methods": ["lora"],
+            "data": {**example["data"], "task": str(EXAMPLES / "data" / "chat.jsonl")},
+            "training": {"max_steps": 2, "eval_every": 2, "batch_size": 4},
+            "evaluation": example["evaluation"],
+        },
+        base_dir=tmp_path,
+    )
+    data = load_prepared(prepare_data(spec))
+    spans = [
+        sum(1 for a, b in zip([IGNORE_INDEX, *labels], labels, strict=False) if a == IGNORE_INDEX != b)
+        for labels in data.train["labels"]
+    ]
+    assert max(spans) == 2 and min(spans) == 1  # the two-turn row (in train at split_seed 0): both answers
+    reports: list[dict] = []
+    run_trial(spec, "lora", 1e-3, 4, 0, lambda metrics, _ckpt: reports.append(metrics))
+    (last,) = reports
+    assert spec.search.metric == "token_f1" == FORMAT_METRICS["chat"][0]
+    assert 0.0 <= last["token_f1"] <= 1.0 and 0.0 <= last["exact_match"] <= 1.0 and last["eval_loss"] > 0
