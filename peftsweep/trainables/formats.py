@@ -255,8 +255,9 @@ def _messages(value: Any, role: str, column: str, where: str) -> list[dict[str, 
             f"{where}: field {_name(role, column)} needs prompt message(s) then an assistant message, "
             f"got {len(value)} message(s)"
         )
+    # Hub datasets (Arrow structs) hold the union of keys per turn, absent ones as None: look at values.
     first = value[0] if isinstance(value[0], Mapping) else {}
-    style = "ShareGPT" if "from" in first and "role" not in first else "OpenAI"
+    style = "ShareGPT" if first.get("from") is not None and first.get("role") is None else "OpenAI"
     out = [_message(msg, style, f"{where}: {column}[{i}]") for i, msg in enumerate(value)]
     if out[-1]["role"] != "assistant":
         raise DataError(

@@ -584,6 +584,9 @@ def test_sharegpt_and_openai_rows_are_told_apart_per_row(tmp_path: Path) -> None
     path = write(tmp_path / "c.jsonl", [{"conversations": sharegpt}, {"conversations": CONVERSATION}])
     rows = all_rows(load_task(str(path), "chat", {"messages": "conversations"}, split=(1.0, 0.0, 0.0)))
     assert rows[0] == rows[1] == chat_row(CONVERSATION)
+    # A hub dataset's Arrow structs carry every key of the column, the absent ones as None.
+    arrow_style = [{"from": t["from"], "value": t["value"], "role": None, "content": None} for t in sharegpt]
+    assert chat_row(arrow_style) == chat_row(CONVERSATION)
     with pytest.raises(DataError, match=rf"{path}:1: field 'messages' missing"):
         check_task(str(path), "chat")  # the column is named through fields
 
