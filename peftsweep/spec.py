@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from peftsweep import search_spaces
-from peftsweep.vocab import FORMAT_ROLES, DataFormat, direction, metric_names
+from peftsweep.vocab import FORMAT_ROLES, ChatLoss, DataFormat, direction, metric_names
 
 
 class SpecError(ValueError):
@@ -88,6 +88,9 @@ class DataSpec(_Strict):
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_seed: Seed = 0  # the split is a pure function of this seed and the data
     max_eval_examples: PositiveInt = 200  # greedy-generation eval cost per eval point; 200 → 0.5 % resolution
+    # chat: every assistant turn is a target (what chat SFT trainers do; a multi-turn row teaches all its
+    # answers), or last_assistant: only the final one (templates that rewrite earlier turns, e.g. Qwen3's)
+    chat_loss: ChatLoss = "all_assistant"
     # Largest row of a local file (a JSONL line, a CSV record's cells, a JSON/Parquet row as JSON), also for
     # the forgetting data. 1 MiB is ~2000× the default max_length of 512 tokens: a longer row is a broken
     # export (a whole file on one line), and training would tokenize all of it only to truncate it.

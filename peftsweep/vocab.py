@@ -13,6 +13,8 @@ from typing import Literal, NamedTuple
 # --- data ---
 
 DataFormat = Literal["prompt_completion", "math", "classification", "qa", "instruction", "chat", "code"]
+# Which assistant turns of a chat row carry loss: every one, or only the last (the one evaluation generates).
+ChatLoss = Literal["all_assistant", "last_assistant"]
 BUILTIN_PREFIX = "builtin:"  # task strings naming a packaged task, e.g. "builtin:arith-sub"
 HF_PREFIX = "hf:"  # task strings naming a Hugging Face Hub dataset, e.g. "hf:openai/gsm8k:main"
 
@@ -42,7 +44,8 @@ FORMAT_ROLES: dict[str, dict[str, Role]] = {
         "input": Role("input", False),
         "output": Role("output", True),
     },
-    # A list of {"role", "content"}; the last one is the assistant's completion, the others the prompt.
+    # A conversation, per row either OpenAI-style [{"role", "content"}] (system/user/assistant) or ShareGPT
+    # [{"from", "value"}] (system/human/gpt); it ends with the assistant turn that evaluation generates.
     "chat": {"messages": Role("messages", True)},
     # tests (assert statements, a string or a list of strings) are optional for training but needed by the
     # pass@k metric: see formats.has_tests().
@@ -57,14 +60,16 @@ FORMATS: tuple[str, ...] = tuple(FORMAT_ROLES)
 # --- metrics ---
 
 ALWAYS: tuple[str, ...] = ("eval_loss",)
-# Metric keys are MLflow metric names, hence "pass_at_k" rather than "pass@k".
+# Metric keys are MLflow metric names, hence "pass_at_k" rather than "pass@k". A format's first metric is its
+# default search.metric. Free text (qa, instruction, chat) defaults to token F1: exact match scores a right
+# answer worded differently as 0, so it stays flat until late in training and separates LRs poorly.
 FORMAT_METRICS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("exact_match", "number_match", "token_f1"),
     "math": ("number_match", "exact_match"),
     "classification": ("accuracy", "macro_f1"),
-    "qa": ("exact_match", "token_f1"),
-    "instruction": ("exact_match", "token_f1"),
-    "chat": ("exact_match", "token_f1"),
+    "qa": ("token_f1", "exact_match"),
+    "instruction": ("token_f1", "exact_match"),
+    "chat": ("token_f1", "exact_match"),
     "code": ("pass_at_k", "exact_match"),
 }
 LOWER_IS_BETTER: frozenset[str] = frozenset({"eval_loss", "forgetting"})

@@ -29,6 +29,7 @@ def test_minimal_spec_gets_defaults_from_one_place(tmp_path: Path) -> None:
     assert spec.tracking.root == tmp_path / "peftsweep-runs"
     assert spec.tracking.mlflow_tracking_uri() == f"sqlite:///{tmp_path}/peftsweep-runs/mlflow.db"
     assert spec.search.direction == "max"
+    assert spec.data.chat_loss == "all_assistant"  # every assistant turn of a chat row is trained
 
 
 @pytest.mark.parametrize(
@@ -73,6 +74,7 @@ def test_minimal_spec_gets_defaults_from_one_place(tmp_path: Path) -> None:
         ),
         ({"methods": ["lora"], "training": {"sam": {"sparsity": 0}}}, "training.sam.sparsity"),
         ({"methods": ["lora"], "forgetting": {"max_examples": 3}}, "forgetting.task: Field required"),
+        ({"methods": ["lora"], "data": {"chat_loss": "every_turn"}}, "data.chat_loss: Input should be"),
     ],
 )
 def test_bad_values_name_the_field(mutation: dict, expected: str) -> None:
@@ -86,6 +88,11 @@ def test_bad_values_name_the_field(mutation: dict, expected: str) -> None:
         ({"format": "classification"}, {}, "accuracy", "max"),
         ({"format": "code"}, {}, "pass_at_k", "max"),
         ({"format": "math"}, {"metric": "eval_loss"}, "eval_loss", "min"),
+        # Free text is judged by token F1 unless asked otherwise; exact match stays available.
+        ({"format": "qa"}, {}, "token_f1", "max"),
+        ({"format": "instruction"}, {}, "token_f1", "max"),
+        ({"format": "chat"}, {}, "token_f1", "max"),
+        ({"format": "chat"}, {"metric": "exact_match"}, "exact_match", "max"),
     ],
 )
 def test_the_metric_defaults_to_the_formats_main_metric(

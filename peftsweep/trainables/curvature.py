@@ -249,7 +249,10 @@ def probe_method(
         total_steps=1,  # no training follows; AdaLoRA's schedule only needs a positive length
     )
 
-    pool = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    pool = [
+        {"prompt": r["prompt"], "completion": r["completion"], "segments": list(r.get("segments") or [])}
+        for r in rows
+    ]
     picked = sorted(random.Random(seed).sample(range(len(pool)), min(samples, len(pool))))
     features = tokenize_for_training(
         datasets.Dataset.from_list([pool[i] for i in picked]), tokenizer, max_length

@@ -1,7 +1,8 @@
 """Encoding for causal-LM SFT (response-only labels, padding) and the built-in task's JSONL directories.
 
-Why here: every format (``formats.py``) normalises to prompt/completion rows, and this module turns those into
-``input_ids``/``labels`` with the loss on the response only — one encoding for training and evaluation.
+Why here: every format (``formats.py``) normalises to prompt/completion rows (chat rows also carry their
+rendered segments), and this module turns those into ``input_ids``/``labels`` with the loss on the responses
+only — one encoding for training and evaluation.
 
 It also keeps the simple task layout of the built-in tasks — a directory with ``train.jsonl`` and
 ``eval.jsonl`` of prompt/completion rows — with pure-Python validation (``check_task_files``, ``load_split``)
@@ -11,6 +12,7 @@ used by the asset builder and the tests. ``builtin:NAME`` names a task packaged 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,34 +137,63 @@ def load_split(
     return ds
 
 
-def _encode(
-    tokenizer: Any, prompt: list[int], completion: list[int], max_length: int
-) -> dict[str, list[int]]:
-    """BOS + prompt + completion + EOS, the loss masked on BOS and prompt; truncated to ``max_length``."""
+def token_pieces(tokenizer: Any, rows: Sequence[Mapping[str, Any]]) -> list[list[list[int]]]:
+    """Each row as token-id pieces that alternate context and target: ``[context, target, context, ...]``.
+
+    A chat row is its rendered ``segments`` (see ``chat.py``) tokenised with ``add_special_tokens=False``: the
+    template already wrote its special tokens, so BOS is put in front only when the tokenizer has one and the
+    rendering does not start with it, and each target ends with the template's end-of-turn token. Any other
+    row is ``[BOS + prompt, completion + EOS]``. Pieces are tokenised separately, so the context/target
+    boundary is exact and a prompt encodes the same at evaluation as in training; one tokenizer call
+    covers all rows.
+    """
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    input_ids = bos + prompt + completion + eos
-    labels = [IGNORE_INDEX] * (len(bos) + len(prompt)) + completion + eos
+    texts: list[str] = []
+    is_chat: list[bool] = []
+    for row in rows:
+        segments = list(row.get("segments") or [])
+        is_chat.append(bool(segments))
+        texts += segments or [str(row["prompt"]), str(row["completion"])]
+    ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    out = []
+    for row, chat in zip(rows, is_chat, strict=True):
+        if chat:
+            pieces = [list(next(ids)) for _ in row["segments"]]
+            if bos and pieces[0][:1] != bos:
+                pieces[0] = bos + pieces[0]
+        else:
+            pieces = [bos + list(next(ids)), list(next(ids)) + eos]
+        out.append(pieces)
+    return out
+
+
+def join_pieces(pieces: Sequence[Sequence[int]], max_length: int) -> dict[str, list[int]]:
+    """``input_ids`` and ``labels`` of a row's pieces: loss on targets only, cut at ``max_length``."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for k, piece in enumerate(pieces):
+        input_ids += piece
+        labels += list(piece) if k % 2 else [IGNORE_INDEX] * len(piece)
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 
 
-def tokenize_for_training(ds: datasets.Dataset, tokenizer: Any, max_length: int) -> datasets.Dataset:
-    """Columns ``input_ids`` and ``labels`` for response-only SFT.
+def last_turn(pieces: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """(prompt, target) of a row's final answer: everything before its last target, and that target."""
+    return [t for piece in pieces[:-1] for t in piece], list(pieces[-1])
 
-    Prompt and completion are tokenized separately (no special tokens) so the prompt/response boundary is
-    exact. Rows whose completion is truncated away entirely are dropped: they carry no loss, and a batch of
-    only such rows would give a NaN loss that looks like divergence.
+
+def tokenize_for_training(ds: datasets.Dataset, tokenizer: Any, max_length: int) -> datasets.Dataset:
+    """Columns ``input_ids`` and ``labels`` for response-only SFT (see :func:`token_pieces`).
+
+    Rows whose targets are truncated away entirely are dropped: they carry no loss, and a batch of only
+    such rows would give a NaN loss that looks like divergence.
     """
 
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
-        completions = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
-        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-        for p, c in zip(prompts, completions, strict=True):
-            row = _encode(tokenizer, p, c, max_length)
-            out["input_ids"].append(row["input_ids"])
-            out["labels"].append(row["labels"])
-        return out
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        joined = [join_pieces(p, max_length) for p in token_pieces(tokenizer, rows)]
+        return {"input_ids": [j["input_ids"] for j in joined], "labels": [j["labels"] for j in joined]}
 
     tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names)
     return tokenized.filter(lambda labels: any(t != IGNORE_INDEX for t in labels), input_columns="labels")

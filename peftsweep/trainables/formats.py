@@ -3,9 +3,11 @@
 Why: a sweep must fail *before* any cluster work on a bad dataset, with a message that names the file and the
 row, and every trial must then see exactly the same rows. So a task (a local ``.jsonl``/``.json``/``.csv``/
 ``.parquet`` file, a directory of split files, ``builtin:NAME`` or ``hf:<id>[:config]``) is read, checked row
-by row and turned into rows ``{"prompt", "completion", "answers", "tests"}``: ``prompt`` is the rendered
-template, ``completion`` the training target, ``answers`` the references a metric compares against (at least
-``[completion]``) and ``tests`` the assert statements of a code row (``""`` when absent).
+by row and turned into rows ``{"prompt", "completion", "answers", "tests", "segments"}``: ``prompt`` is the
+rendered template, ``completion`` the training target, ``answers`` the references a metric compares against
+(at least ``[completion]``), ``tests`` the assert statements of a code row (``""`` when absent) and
+``segments`` a chat row's rendered conversation cut into context and targets (:mod:`chat`; ``[]`` for the
+other formats, whose target is the completion).
 
 Local files are parsed with the standard library (``json``, ``csv``) and pyarrow, not with
 ``datasets.load_dataset``: its CSV reader (pandas) turns cells such as ``NA`` or ``007`` into null or 7, its
@@ -39,8 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from peftsweep.trainables import chat
 from peftsweep.trainables.data import DataError, json_reason, resolve_task_dir
-from peftsweep.vocab import BUILTIN_PREFIX, FORMAT_ROLES, FORMATS, HF_PREFIX, DataFormat
+from peftsweep.vocab import BUILTIN_PREFIX, FORMAT_ROLES, FORMATS, HF_PREFIX, ChatLoss, DataFormat
 
 if TYPE_CHECKING:
     import datasets
@@ -49,6 +52,7 @@ EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")  # the file types a task fi
 SPLITS = ("train", "validation", "test")  # the keys of load_task's result, in carving order after train
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)  # train/validation/test fractions of a single-file task
 DEFAULT_SPLIT_SEED = 0
+DEFAULT_CHAT_LOSS: ChatLoss = "all_assistant"  # data.chat_loss's default, for callers without a spec
 FRACTION_TOLERANCE = 1e-6  # float sums such as 0.7 + 0.2 + 0.1 == 0.9999999999999999 still count as 1
 # File stems a directory may hold per split; "eval" is the original layout (train.jsonl, eval.jsonl).
 DIR_SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "eval"), "test": ("test",)}
@@ -58,8 +62,13 @@ HF_SPLIT_NAMES = {
     "validation": ("validation", "valid", "dev", "eval"),
     "test": ("test",),
 }
-CHAT_ROLES = ("system", "user", "assistant")  # "tool" turns carry extra fields a plain template cannot show
-COLUMNS = ("prompt", "completion", "answers", "tests")  # every normalised row has exactly these
+# Chat message styles, told apart per row by the first message's keys: OpenAI {"role", "content"} and
+# ShareGPT {"from", "value"}, whose roles map onto OpenAI's. No "tool" turns: they carry extra fields.
+CHAT_STYLES = {
+    "OpenAI": ("role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
+    "ShareGPT": ("from", "value", {"system": "system", "human": "user", "gpt": "assistant"}),
+}
+COLUMNS = ("prompt", "completion", "answers", "tests", "segments")  # every normalised row has exactly these
 
 Format = DataFormat
 Row = dict[str, Any]
@@ -82,9 +91,7 @@ INSTRUCTION_TEMPLATE_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-# Chat without a tokenizer chat template: one "role: content" line per message, then the assistant's cue.
-CHAT_FALLBACK_LINE = "{role}: {content}\n"
-CHAT_FALLBACK_GENERATION = "assistant: "
+# Chat is rendered by the tokenizer's chat template, or plain "role: content" lines without one: see chat.py.
 
 
 # --------------------------------------------------------------------------------------------- task strings
@@ -228,7 +235,10 @@ def _answers(value: Any, role: str, column: str, where: str) -> list[str]:
 
 
 def _messages(value: Any, role: str, column: str, where: str) -> list[dict[str, str]]:
-    """Chat turns ``[{"role", "content"}, ...]`` ending with the assistant; a JSON string (CSV) is decoded."""
+    """Chat turns as ``[{"role", "content"}, ...]``, the assistant's last; a JSON string (CSV) is decoded.
+
+    A row's turns are OpenAI-style or ShareGPT-style, as its first turn's keys say (:data:`CHAT_STYLES`).
+    """
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -245,50 +255,72 @@ def _messages(value: Any, role: str, column: str, where: str) -> list[dict[str, 
             f"{where}: field {_name(role, column)} needs prompt message(s) then an assistant message, "
             f"got {len(value)} message(s)"
         )
-    out = []
-    for i, msg in enumerate(value):
-        at = f"{where}: {column}[{i}]"
-        if not isinstance(msg, Mapping):
-            raise DataError(f"{at}: expected an object with 'role' and 'content', got {type(msg).__name__}")
-        for key in ("role", "content"):
-            if msg.get(key) is None:
-                raise DataError(f"{at}: {key!r} missing (keys: {sorted(map(str, msg))})")
-        if msg["role"] not in CHAT_ROLES:
-            raise DataError(f"{at}: unknown role {msg['role']!r} (expected one of {list(CHAT_ROLES)})")
-        if not isinstance(msg["content"], str):
-            raise DataError(f"{at}: 'content' must be a string, got {type(msg['content']).__name__}")
-        _unicode(msg["content"], "'content'", at)
-        out.append({"role": msg["role"], "content": msg["content"]})
+    # Hub datasets (Arrow structs) hold the union of keys per turn, absent ones as None: look at values.
+    first = value[0] if isinstance(value[0], Mapping) else {}
+    style = "ShareGPT" if first.get("from") is not None and first.get("role") is None else "OpenAI"
+    out = [_message(msg, style, f"{where}: {column}[{i}]") for i, msg in enumerate(value)]
     if out[-1]["role"] != "assistant":
         raise DataError(
-            f"{where}: the last message of {_name(role, column)} must have role 'assistant' "
-            f"(it is the completion), got {out[-1]['role']!r}"
+            f"{where}: the last message of {_name(role, column)} must be the assistant's (role 'assistant', "
+            f"ShareGPT 'gpt'): it is the completion; got {out[-1]['role']!r}"
         )
     if not out[-1]["content"].strip():
         raise DataError(f"{where}: the final assistant message of {_name(role, column)} is empty")
     return out
 
 
-def render_chat(messages: Sequence[Mapping[str, str]], tokenizer: Any | None = None) -> str:
-    """The prompt of a conversation: every message but the last (the assistant's completion).
-
-    With a tokenizer that has a ``chat_template``, its own rendering plus the generation prompt, so the
-    adapter learns the format the model is used with; else plain ``role: content`` lines and ``assistant: ``.
-    """
-    turns = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    return "".join(CHAT_FALLBACK_LINE.format(**t) for t in turns) + CHAT_FALLBACK_GENERATION
+def _message(msg: Any, style: str, at: str) -> dict[str, str]:
+    """One turn of a ``style`` row as ``{"role", "content"}`` with the OpenAI role name."""
+    role_key, content_key, roles = CHAT_STYLES[style]
+    if not isinstance(msg, Mapping):
+        raise DataError(
+            f"{at}: expected an object with {role_key!r} and {content_key!r}, got {type(msg).__name__}"
+        )
+    for key in (role_key, content_key):
+        if msg.get(key) is None:
+            raise DataError(f"{at}: {key!r} missing in a {style}-style turn (keys: {sorted(map(str, msg))})")
+    if msg[role_key] not in roles:
+        raise DataError(
+            f"{at}: unknown {style} role {msg[role_key]!r} in {role_key!r} (expected one of {list(roles)})"
+        )
+    if not isinstance(msg[content_key], str):
+        raise DataError(f"{at}: {content_key!r} must be a string, got {type(msg[content_key]).__name__}")
+    return {"role": roles[msg[role_key]], "content": _unicode(msg[content_key], repr(content_key), at)}
 
 
 # --------------------------------------------------------------------------------------------- normalising
 
 
-def _row(prompt: str, completion: str, answers: list[str] | None = None, tests: str = "") -> Row:
-    return {"prompt": prompt, "completion": completion, "answers": answers or [completion], "tests": tests}
+def _row(
+    prompt: str,
+    completion: str,
+    answers: list[str] | None = None,
+    tests: str = "",
+    segments: list[str] | None = None,
+) -> Row:
+    return {
+        "prompt": prompt,
+        "completion": completion,
+        "answers": answers or [completion],
+        "tests": tests,
+        "segments": segments or [],
+    }
 
 
-def _normalizer(fmt: str, columns: Mapping[str, str], tokenizer: Any | None) -> Callable[[Mapping, str], Row]:
+def _chat_row(messages: list[dict[str, str]], tokenizer: Any | None, chat_loss: ChatLoss, where: str) -> Row:
+    """A conversation as its rendered segments; the prompt is everything before the last target."""
+    try:
+        pieces = chat.segments(messages, tokenizer, chat_loss)
+    except chat.TemplateMismatch as exc:
+        raise DataError(f"{where}: {exc}") from None
+    except Exception as exc:  # a Jinja template may reject a conversation (e.g. a system turn)
+        raise DataError(f"{where}: the tokenizer's chat template failed: {exc}") from exc
+    return _row("".join(pieces[:-1]), messages[-1]["content"], segments=pieces)
+
+
+def _normalizer(
+    fmt: str, columns: Mapping[str, str], tokenizer: Any | None, chat_loss: ChatLoss
+) -> Callable[[Mapping, str], Row]:
     """A function (raw row, where) -> normalised row for one format, raising DataError on a bad row."""
     roles = FORMAT_ROLES[fmt]
 
@@ -323,11 +355,7 @@ def _normalizer(fmt: str, columns: Mapping[str, str], tokenizer: Any | None) -> 
             return _row(template.format(instruction=instruction, input=extra), text(row, "output", where))
         if fmt == "chat":
             messages = _messages(get(row, "messages", where), "messages", columns["messages"], where)
-            try:
-                prompt = render_chat(messages, tokenizer)
-            except Exception as exc:  # a Jinja template may reject a conversation (e.g. a system turn)
-                raise DataError(f"{where}: the tokenizer's chat template failed: {exc}") from exc
-            return _row(prompt, messages[-1]["content"])
+            return _chat_row(messages, tokenizer, chat_loss, where)
         if fmt == "code":
             tests = get(row, "tests", where)
             if isinstance(tests, list | tuple):  # MBPP style: one assert per item
@@ -348,6 +376,7 @@ def _normalize_located(
     fields: Mapping[str, str] | None,
     source: str,
     tokenizer: Any | None,
+    chat_loss: ChatLoss,
 ) -> list[Row]:
     """Normalise ``(where, row)`` pairs, stopping at the first bad row.
 
@@ -355,7 +384,7 @@ def _normalize_located(
     silently drop e.g. every QA context.
     """
     columns = resolve_fields(fmt, fields)
-    normalize = _normalizer(fmt, columns, tokenizer)
+    normalize = _normalizer(fmt, columns, tokenizer, chat_loss)
     explicit = {role: columns[role] for role in (fields or {}) if not FORMAT_ROLES[fmt][role].required}
     seen: set[str] = set()
     rows = []
@@ -374,11 +403,11 @@ def normalize_rows(
     fields: Mapping[str, str] | None,
     source: str,
     tokenizer: Any | None = None,
+    chat_loss: ChatLoss = DEFAULT_CHAT_LOSS,
 ) -> list[Row]:
-    """Rows of ``fmt`` as ``{"prompt", "completion", "answers", "tests"}``; errors say ``source: index i``."""
-    return _normalize_located(
-        ((f"{source}: index {i}", row) for i, row in enumerate(rows)), fmt, fields, source, tokenizer
-    )
+    """Rows of ``fmt`` as :data:`COLUMNS`; errors say ``source: index i``."""
+    located = ((f"{source}: index {i}", row) for i, row in enumerate(rows))
+    return _normalize_located(located, fmt, fields, source, tokenizer, chat_loss)
 
 
 def normalize_dataset(
@@ -387,6 +416,7 @@ def normalize_dataset(
     fields: Mapping[str, str] | None,
     source: str,
     tokenizer: Any | None = None,
+    chat_loss: ChatLoss = DEFAULT_CHAT_LOSS,
 ) -> datasets.Dataset:
     """:func:`normalize_rows` as a ``Dataset.map``, for datasets too big to hold as Python rows (the hub)."""
     columns = resolve_fields(fmt, fields)
@@ -398,7 +428,7 @@ def normalize_dataset(
     for role, col in needed.items():
         if col not in ds.column_names:
             raise DataError(f"{source}: column {_name(role, col)} missing (columns: {ds.column_names})")
-    normalize = _normalizer(fmt, columns, tokenizer)
+    normalize = _normalizer(fmt, columns, tokenizer, chat_loss)
     return ds.map(
         lambda row, i: normalize(row, f"{source}: index {i}"),
         with_indices=True,
@@ -578,6 +608,7 @@ def read_file(
     fields: Mapping[str, str] | None,
     tokenizer: Any | None = None,
     max_row_bytes: int | None = None,
+    chat_loss: ChatLoss = DEFAULT_CHAT_LOSS,
 ) -> list[Row]:
     """All rows of one local file, validated and normalised; a file with no row is an error.
 
@@ -597,7 +628,7 @@ def read_file(
                 raise DataError(
                     f"{records.header}: column {_name(role, column)} missing (columns: {records.columns})"
                 )
-    rows = _normalize_located(records.rows, fmt, fields, str(path), tokenizer)
+    rows = _normalize_located(records.rows, fmt, fields, str(path), tokenizer, chat_loss)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -686,12 +717,16 @@ def _local_splits(
     seed: int,
     tokenizer: Any | None,
     max_row_bytes: int | None = None,
+    chat_loss: ChatLoss = DEFAULT_CHAT_LOSS,
 ) -> dict[str, list[Row]]:
     """Normalised rows per split of a file or directory task; every file is validated before any split."""
     assert source.path is not None  # file and dir sources always carry one
     by_name = dict(zip(SPLITS, fractions, strict=True))
     files = {"train": source.path} if source.kind == "file" else _split_files(source.path)
-    rows = {split: read_file(path, fmt, fields, tokenizer, max_row_bytes) for split, path in files.items()}
+    rows = {
+        split: read_file(path, fmt, fields, tokenizer, max_row_bytes, chat_loss)
+        for split, path in files.items()
+    }
     # A directory's files are the user's split: only a missing validation file is carved out of train (the
     # search needs one); without a test file there is no test split, and train keeps every row.
     missing = [s for s in SPLITS if s not in files and (source.kind == "file" or s == "validation")]
@@ -709,6 +744,7 @@ def _hf_splits(
     fractions: tuple[float, float, float],
     seed: int,
     tokenizer: Any | None,
+    chat_loss: ChatLoss = DEFAULT_CHAT_LOSS,
 ) -> dict[str, datasets.Dataset]:
     """A hub dataset via ``datasets.load_dataset(id, config)`` (needs network or the local HF cache).
 
@@ -732,7 +768,7 @@ def _hf_splits(
     if names["train"] is None:
         raise DataError(f"{source.label}: no train split (splits: {list(loaded)})")
     out = {
-        split: normalize_dataset(loaded[name], fmt, fields, f"{source.label}[{name}]", tokenizer)
+        split: normalize_dataset(loaded[name], fmt, fields, f"{source.label}[{name}]", tokenizer, chat_loss)
         for split, name in names.items()
         if name is not None
     }
@@ -755,7 +791,13 @@ def _features() -> datasets.Features:
 
     string = datasets.Value("string")
     return datasets.Features(
-        {"prompt": string, "completion": string, "answers": datasets.List(string), "tests": string}
+        {
+            "prompt": string,
+            "completion": string,
+            "answers": datasets.List(string),
+            "tests": string,
+            "segments": datasets.List(string),
+        }
     )
 
 
@@ -772,19 +814,21 @@ def load_task(
     split: Sequence[float] = DEFAULT_SPLIT,
     split_seed: int = DEFAULT_SPLIT_SEED,
     tokenizer: Any | None = None,
+    chat_loss: ChatLoss = DEFAULT_CHAT_LOSS,
 ) -> dict[str, datasets.Dataset]:
-    """``{"train", "validation", "test"}`` datasets with columns exactly prompt/completion/answers/tests.
+    """``{"train", "validation", "test"}`` datasets with exactly the columns :data:`COLUMNS`.
 
     A single file is split by ``split`` fractions with ``split_seed``; a directory (``builtin:NAME`` too) uses
-    its split files and carves only the missing ones out of train (see :func:`carve`). ``tokenizer`` only
-    matters for ``chat``, whose prompts use its chat template.
+    its split files and carves only the missing ones out of train (see :func:`carve`). ``tokenizer`` and
+    ``chat_loss`` only matter for ``chat``: its chat template renders the rows, and ``chat_loss`` picks the
+    assistant turns that are targets.
     """
     fractions = check_fractions(split)
     resolve_fields(fmt, fields)  # a bad format or fields mapping is reported before the files are read
     source = parse_task(task)
     if source.kind == "hf":
-        return _hf_splits(source, fmt, fields, fractions, split_seed, tokenizer)
-    rows = _local_splits(source, fmt, fields, fractions, split_seed, tokenizer)
+        return _hf_splits(source, fmt, fields, fractions, split_seed, tokenizer, chat_loss)
+    rows = _local_splits(source, fmt, fields, fractions, split_seed, tokenizer, chat_loss=chat_loss)
     return {s: _to_dataset(r) for s, r in rows.items()}
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from peftsweep.trainables.data import IGNORE_INDEX, _encode, collate
+from peftsweep.trainables.data import IGNORE_INDEX, collate, join_pieces, last_turn, token_pieces
 
 if TYPE_CHECKING:
     import datasets
@@ -27,7 +27,7 @@ def evaluate(
     fmt: str = "prompt_completion",
     *,
     batch_size: int = 256,  # the whole built-in eval set in one or two forward passes; memory is tiny
-    max_new_tokens: int | None = None,  # None: longest reference + 1, enough to see the EOS after any answer
+    max_new_tokens: int | None = None,  # None: the longest target, enough to see its EOS or end-of-turn
     samples: int = 1,  # generations per prompt; 1 = greedy
     temperature: float = 0.8,  # only with samples > 1
     pass_k: int = 1,
@@ -36,40 +36,56 @@ def evaluate(
 ) -> dict[str, float]:
     """The format's task metrics (``task_metrics.FORMAT_METRICS``) plus ``eval_loss`` on ``examples``.
 
-    Answers are generated from BOS + prompt, batched, greedy unless ``samples`` > 1, cut at EOS, and scored by
-    ``task_metrics.score`` (code runs in the sandbox). eval_loss: mean cross-entropy per completion(+EOS)
-    token, teacher-forced. The model (plain HF or ``peft.PeftModel``) keeps its train/eval mode.
+    Each row's last answer is generated from its prompt encoded as in training (``data.token_pieces``: BOS +
+    prompt, or a chat row's rendering up to the generation prompt), batched, greedy unless ``samples`` > 1,
+    cut at EOS (or the chat template's end-of-turn token), and scored by ``task_metrics.score`` against the
+    reference without that token (code runs in the sandbox). eval_loss: mean cross-entropy per target token
+    (the answer and its EOS or end-of-turn), teacher-forced. The model (plain HF or ``peft.PeftModel``)
+    keeps its train/eval mode.
     """
     from peftsweep.trainables.task_metrics import score
 
     rows = [dict(r) for r in examples]
     if not rows:
         raise ValueError("evaluate() needs at least one example")
-    prompts = tokenizer([str(r["prompt"]) for r in rows], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([str(r["completion"]) for r in rows], add_special_tokens=False)["input_ids"]
+    prompts, targets = _last_turns(tokenizer, rows)
     if max_new_tokens is None:
-        max_new_tokens = max(len(c) for c in completions) + 1
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        max_new_tokens = max(len(t) for t in targets)
+    stop = _stop_ids(tokenizer, chat=any(r.get("segments") for r in rows))
     with _eval_mode(model):
-        answers = _generate(
-            model, tokenizer, [bos + p for p in prompts], batch_size, max_new_tokens, samples, temperature
-        )
-        loss = _completion_loss(model, tokenizer, prompts, completions, batch_size)
+        answers = _generate(model, tokenizer, prompts, stop, batch_size, max_new_tokens, samples, temperature)
+        loss = _completion_loss(model, tokenizer, prompts, targets, batch_size)
     metrics = score(fmt, answers, rows, k=pass_k, timeout_s=code_timeout_s, memory_mb=code_memory_mb)
     return {**metrics, "eval_loss": loss}
+
+
+def _last_turns(tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt and target token ids of every row's last answer, encoded exactly as training encodes them."""
+    turns = [last_turn(pieces) for pieces in token_pieces(tokenizer, rows)]
+    return [p for p, _ in turns], [t for _, t in turns]
+
+
+def _stop_ids(tokenizer: Any, chat: bool) -> list[int]:
+    """Token ids that end an answer: EOS, and for chat rows the template's end-of-turn token as well (Llama 3
+    ends a turn with ``<|eot_id|>`` while its EOS is ``<|end_of_text|>``)."""
+    from peftsweep.trainables.chat import end_of_turn_id
+
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    turn_end = end_of_turn_id(tokenizer) if chat else None
+    return stop + ([turn_end] if turn_end is not None and turn_end not in stop else [])
 
 
 def completion_loss(
     model: Any, tokenizer: Any, examples: Iterable[Mapping[str, Any]], batch_size: int = 256
 ) -> float:
-    """Mean teacher-forced cross-entropy per completion(+EOS) token: the forgetting check's general loss."""
-    rows = list(examples)
+    """Mean teacher-forced cross-entropy per target token of each row's last answer: the forgetting check's
+    general loss."""
+    rows = [dict(r) for r in examples]
     if not rows:
         raise ValueError("completion_loss() needs at least one example")
-    prompts = tokenizer([str(r["prompt"]) for r in rows], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([str(r["completion"]) for r in rows], add_special_tokens=False)["input_ids"]
+    prompts, targets = _last_turns(tokenizer, rows)
     with _eval_mode(model):
-        return _completion_loss(model, tokenizer, prompts, completions, batch_size)
+        return _completion_loss(model, tokenizer, prompts, targets, batch_size)
 
 
 @contextmanager
@@ -87,7 +103,7 @@ def _eval_mode(model: Any) -> Iterator[None]:
 
 
 def _completion_loss(
-    model: Any, tokenizer: Any, prompts: list[list[int]], completions: list[list[int]], batch_size: int
+    model: Any, tokenizer: Any, prompts: list[list[int]], answers: list[list[int]], batch_size: int
 ) -> float:
     import torch
 
@@ -95,8 +111,8 @@ def _completion_loss(
     device = next(model.parameters()).device
     loss_sum, n_tokens = 0.0, 0
     for start in range(0, len(prompts), batch_size):
-        chunk = zip(prompts[start : start + batch_size], completions[start : start + batch_size], strict=True)
-        feats = [_encode(tokenizer, p, c, max_length=1 << 30) for p, c in chunk]  # no truncation
+        chunk = zip(prompts[start : start + batch_size], answers[start : start + batch_size], strict=True)
+        feats = [join_pieces([p, t], max_length=1 << 30) for p, t in chunk]  # no truncation
         batch = {k: v.to(device) for k, v in collate(feats, pad_id).items()}
         labels = batch.pop("labels")
         # Cross-entropy from the logits, not `model(..., labels).loss`: some methods add their own
@@ -128,12 +144,14 @@ def _generate(
     model: Any,
     tokenizer: Any,
     prompts: list[list[int]],
+    stop: list[int],
     batch_size: int,
     max_new_tokens: int,
     samples: int,
     temperature: float,
 ) -> list[list[str]]:
-    """Decoded continuations (up to EOS) of tokenized prompts, ``samples`` per prompt, in input order.
+    """Decoded continuations (up to the first ``stop`` token) of tokenized prompts, ``samples`` per prompt, in
+    input order.
 
     Prompts are sorted by length so that batches need little left padding; ``generate`` takes care of the
     attention mask, position ids and PEFT prompt-learning prefixes. One sample is greedy decoding.
@@ -161,14 +179,13 @@ def _generate(
             num_return_sequences=samples,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop or None,
             **sampling,
         )
         for j, seq in enumerate(generated):  # row-major: samples of one prompt are adjacent
             new = seq[width:].tolist()
-            if tokenizer.eos_token_id in new:
-                new = new[: new.index(tokenizer.eos_token_id)]
-            out[idx[j // samples]].append(tokenizer.decode(new, skip_special_tokens=True))
+            end = next((k for k, t in enumerate(new) if t in stop), len(new))
+            out[idx[j // samples]].append(tokenizer.decode(new[:end], skip_special_tokens=True))
     return out
 
 

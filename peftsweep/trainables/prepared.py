@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftsweep.spec import DataSpec, SweepSpec
+from peftsweep.vocab import ChatLoss
 
 if TYPE_CHECKING:
     import datasets
 
-CACHE_VERSION = 1  # bump when the prepared layout or the encoding changes, so stale caches are not reused
+CACHE_VERSION = 2  # bump when the prepared layout or the encoding changes, so stale caches are not reused
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # files that can hold task rows
 _DONE = "DONE"  # written last: a directory without it is an interrupted preparation, redone
 
@@ -53,7 +54,7 @@ def prepare_data(spec: SweepSpec) -> Path:
     if (out / _DONE).is_file():
         return out
 
-    splits = _load(spec.data, tokenizer, load_task)
+    splits = _load(spec.data, tokenizer, load_task, chat_loss=spec.data.chat_loss)
     if len(splits["validation"]) == 0:
         raise DataError(
             f"{spec.data.task}: the validation split is empty; give data.split a validation share"
@@ -70,7 +71,8 @@ def prepare_data(spec: SweepSpec) -> Path:
     if len(parts["train"]) == 0:
         raise DataError(f"{spec.data.task}: no training row keeps a response token at max_length")
     if spec.forgetting is not None:
-        general = _load(spec.forgetting, tokenizer, load_task, whole=True)
+        # The forgetting check measures each row's last answer only, so only that turn is cut out.
+        general = _load(spec.forgetting, tokenizer, load_task, chat_loss="last_assistant", whole=True)
         rows = datasets.concatenate_datasets([d for d in general.values() if len(d)])
         parts["general"] = rows.select(range(min(spec.forgetting.max_examples, len(rows))))
 
@@ -116,10 +118,12 @@ def _load_prepared(location: str) -> PreparedData:
     )
 
 
-def _load(source: Any, tokenizer: Any, load_task: Any, whole: bool = False) -> dict[str, datasets.Dataset]:
+def _load(
+    source: Any, tokenizer: Any, load_task: Any, chat_loss: ChatLoss, whole: bool = False
+) -> dict[str, datasets.Dataset]:
     split = (1.0, 0.0, 0.0) if whole else source.split
     seed = getattr(source, "split_seed", 0)
-    return load_task(source.task, source.format, dict(source.fields), split, seed, tokenizer)
+    return load_task(source.task, source.format, dict(source.fields), split, seed, tokenizer, chat_loss)
 
 
 def _fingerprint(spec: SweepSpec, tokenizer: Any) -> str:

@@ -22,7 +22,6 @@ from peftsweep.trainables.formats import (
     load_task,
     normalize_rows,
     parse_task,
-    render_chat,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,7 +148,11 @@ def test_shipped_example_loads(
     assert sum(counts.values()) == n_rows
     prompt, completion, answers, tests = known
     matches = [r for r in all_rows(splits) if r["prompt"] == prompt]
-    assert matches == [{"prompt": prompt, "completion": completion, "answers": answers, "tests": tests}]
+    assert [{k: r[k] for k in COLUMNS if k != "segments"} for r in matches] == [
+        {"prompt": prompt, "completion": completion, "answers": answers, "tests": tests}
+    ]
+    # Only chat rows carry segments: the rendering up to the answer, then the answer (no tokenizer: no EOS).
+    assert matches[0]["segments"] == ([prompt, completion] if fmt == "chat" else [])
 
 
 def test_shipped_code_rows_pass_their_tests() -> None:
@@ -251,7 +254,12 @@ def test_builtin_task_keeps_working() -> None:
     assert counts == {"train": 4800, "validation": 250, "test": 0}  # train.jsonl and eval.jsonl, as they are
     splits = load_task("builtin:arith-sub", "prompt_completion")
     first_eval = json.loads((builtin_task_dir("arith-sub") / "eval.jsonl").read_text().splitlines()[0])
-    assert splits["validation"][0] == {**first_eval, "answers": [first_eval["completion"]], "tests": ""}
+    assert splits["validation"][0] == {
+        **first_eval,
+        "answers": [first_eval["completion"]],
+        "tests": "",
+        "segments": [],
+    }
     assert (len(splits["train"]), len(splits["test"])) == (4800, 0)  # a directory's files are its split
 
 
@@ -335,7 +343,7 @@ BAD_CASES = [  # id, format, file name, rows, where the error must point, what i
             }
         ],
         ":1: ",
-        "last message of 'messages' must have role 'assistant'",
+        "last message of 'messages' must be the assistant's (role 'assistant', ShareGPT 'gpt')",
     ),
     (
         "chat-unknown-role",
@@ -346,7 +354,26 @@ BAD_CASES = [  # id, format, file name, rows, where the error must point, what i
             {"messages": [{"role": "bot", "content": "a"}, {"role": "assistant", "content": "b"}]},
         ],
         ":2: messages[0]: ",
-        "unknown role 'bot'",
+        "unknown OpenAI role 'bot' in 'role' (expected one of ['system', 'user', 'assistant'])",
+    ),
+    (
+        "chat-sharegpt-unknown-role",
+        "chat",
+        "d.jsonl",
+        [
+            {"messages": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+            {"messages": [{"from": "human", "value": "a"}, {"from": "robot", "value": "b"}]},
+        ],
+        ":2: messages[1]: ",
+        "unknown ShareGPT role 'robot' in 'from' (expected one of ['system', 'human', 'gpt'])",
+    ),
+    (
+        "chat-mixed-styles",
+        "chat",
+        "d.json",
+        [{"messages": [{"from": "human", "value": "a"}, {"role": "assistant", "content": "b"}]}],
+        ": index 0: messages[1]: ",
+        "'from' missing in a ShareGPT-style turn (keys: ['content', 'role'])",
     ),
     (
         "chat-too-short",
@@ -424,6 +451,7 @@ def test_fields_rename_columns_and_report_missing_ones(tmp_path: Path) -> None:
         "completion": "Ada",
         "answers": ["Ada"],
         "tests": "",
+        "segments": [],
     }
     with pytest.raises(DataError, match=rf"{path}:1: field 'query' \(role 'question'\) missing"):
         check_task(str(path), "qa", {"question": "query", "answers": "a"})
@@ -435,7 +463,15 @@ def test_fields_rename_columns_and_report_missing_ones(tmp_path: Path) -> None:
 
 def test_qa_without_context_and_string_answers() -> None:
     rows = normalize_rows([{"question": "2+2?", "answers": "4"}], "qa", None, "mem")
-    assert rows == [{"prompt": "Question: 2+2?\nAnswer: ", "completion": "4", "answers": ["4"], "tests": ""}]
+    assert rows == [
+        {
+            "prompt": "Question: 2+2?\nAnswer: ",
+            "completion": "4",
+            "answers": ["4"],
+            "tests": "",
+            "segments": [],
+        }
+    ]
 
 
 def test_first_bad_row_stops_validation() -> None:
@@ -484,6 +520,12 @@ CONVERSATION = [
     {"role": "user", "content": "Hi"},
     {"role": "assistant", "content": "Hello"},
 ]
+TWO_TURNS = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Ciao"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -495,21 +537,81 @@ def chat_tokenizer() -> Any:
     return tokenizer
 
 
-def test_render_chat_fallback_without_template() -> None:
-    assert render_chat(CONVERSATION) == "system: Be brief.\nuser: Hi\nassistant: "
+def chat_row(messages: list[dict[str, str]], tokenizer: Any = None, chat_loss: Any = "all_assistant") -> Any:
+    return normalize_rows([{"messages": messages}], "chat", None, "mem", tokenizer, chat_loss)[0]
+
+
+def test_chat_plain_rendering_without_template() -> None:
     from peftsweep.trainables.builtin import build_tokenizer
 
-    assert (
-        render_chat(CONVERSATION, build_tokenizer()) == "system: Be brief.\nuser: Hi\nassistant: "
-    )  # no template
+    row = chat_row(CONVERSATION)  # no tokenizer (the CLI check): the lines, no special tokens
+    assert row["prompt"] == "system: Be brief.\nuser: Hi\nassistant: "
+    assert row["segments"] == [row["prompt"], "Hello"] and row["completion"] == "Hello"
+    # A tokenizer without a template: the same lines, each assistant turn ended by the tokenizer's EOS.
+    row = chat_row(TWO_TURNS, build_tokenizer())
+    assert row["segments"] == ["user: Hi\nassistant: ", "Hello</s>", "user: Bye\nassistant: ", "Ciao</s>"]
+    assert row["prompt"] == "user: Hi\nassistant: Hello</s>user: Bye\nassistant: "
 
 
 def test_chat_uses_the_tokenizer_template(tmp_path: Path, chat_tokenizer: Any) -> None:
-    assert render_chat(CONVERSATION, chat_tokenizer) == "<system>Be brief.\n<user>Hi\n<assistant>"
     path = write(tmp_path / "c.jsonl", [{"messages": CONVERSATION}] * 2)
     splits = load_task(str(path), "chat", split=(1.0, 0.0, 0.0), tokenizer=chat_tokenizer)
-    assert splits["train"][0]["prompt"] == "<system>Be brief.\n<user>Hi\n<assistant>"
-    assert splits["train"][0]["completion"] == "Hello"
+    assert splits["train"][0] == {
+        "prompt": "<system>Be brief.\n<user>Hi\n<assistant>",  # the template's generation prompt
+        "completion": "Hello",  # the reference: no end-of-turn
+        "answers": ["Hello"],
+        "tests": "",
+        "segments": ["<system>Be brief.\n<user>Hi\n<assistant>", "Hello\n"],  # the target: with it
+    }
+
+
+def test_chat_trains_every_assistant_turn_or_only_the_last(chat_tokenizer: Any) -> None:
+    every = chat_row(TWO_TURNS, chat_tokenizer)
+    assert every["segments"] == ["<user>Hi\n<assistant>", "Hello\n", "<user>Bye\n<assistant>", "Ciao\n"]
+    last = chat_row(TWO_TURNS, chat_tokenizer, "last_assistant")
+    assert last["segments"] == ["<user>Hi\n<assistant>Hello\n<user>Bye\n<assistant>", "Ciao\n"]
+    for row in (every, last):  # the same conversation, the same last answer to generate
+        assert "".join(row["segments"]) == chat_tokenizer.apply_chat_template(TWO_TURNS, tokenize=False)
+        assert (row["prompt"], row["completion"]) == (last["segments"][0], "Ciao")
+
+
+def test_sharegpt_and_openai_rows_are_told_apart_per_row(tmp_path: Path) -> None:
+    sharegpt = [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "Hello"},
+    ]
+    path = write(tmp_path / "c.jsonl", [{"conversations": sharegpt}, {"conversations": CONVERSATION}])
+    rows = all_rows(load_task(str(path), "chat", {"messages": "conversations"}, split=(1.0, 0.0, 0.0)))
+    assert rows[0] == rows[1] == chat_row(CONVERSATION)
+    # A hub dataset's Arrow structs carry every key of the column, the absent ones as None.
+    arrow_style = [{"from": t["from"], "value": t["value"], "role": None, "content": None} for t in sharegpt]
+    assert chat_row(arrow_style) == chat_row(CONVERSATION)
+    with pytest.raises(DataError, match=rf"{path}:1: field 'messages' missing"):
+        check_task(str(path), "chat")  # the column is named through fields
+
+
+# Mistral v0.3's habit in a few lines: the system message goes into the *last* user turn, so a turn renders
+# differently once a later user turn follows it.
+SYSTEM_IN_LAST_USER = (
+    "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m.role == 'user' %}"
+    "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}{% if m.role == 'user' %}[INST] "
+    "{% if loop.index0 == ns.last and messages[0].role == 'system' %}{{ messages[0].content }} {% endif %}"
+    "{{ m.content }}[/INST]{% elif m.role == 'assistant' %}{{ m.content }}</s>{% endif %}{% endfor %}"
+)
+
+
+def test_a_template_that_rewrites_earlier_turns_needs_last_assistant(tmp_path: Path) -> None:
+    from peftsweep.trainables.builtin import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = SYSTEM_IN_LAST_USER
+    path = write(tmp_path / "c.jsonl", [{"messages": [CONVERSATION[0], *TWO_TURNS]}])
+    with pytest.raises(DataError, match=rf"{path}:1: .* messages\[2\] .* set data.chat_loss: last_assistant"):
+        load_task(str(path), "chat", split=(1.0, 0.0, 0.0), tokenizer=tokenizer)
+    row = load_task(str(path), "chat", split=(1.0, 0.0, 0.0), tokenizer=tokenizer, chat_loss="last_assistant")
+    assert row["train"][0]["segments"] == ["[INST] Hi[/INST]Hello</s>[INST] Be brief. Bye[/INST]", "Ciao</s>"]
 
 
 def test_chat_template_failure_names_the_row(tmp_path: Path) -> None:
@@ -581,6 +683,7 @@ def test_hf_path_normalises_and_carves(monkeypatch: pytest.MonkeyPatch) -> None:
         "completion": "#### 1",
         "answers": ["#### 1"],
         "tests": "",
+        "segments": [],
     }
     assert splits["train"].column_names == list(COLUMNS)
 

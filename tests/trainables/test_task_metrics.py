@@ -111,6 +111,8 @@ def test_registry() -> None:
         "code",
     }
     assert metric_names("code") == ("pass_at_k", "exact_match", "eval_loss")
+    for free_text in ("qa", "instruction", "chat"):  # token F1 first (the default), exact match kept
+        assert metric_names(free_text) == ("token_f1", "exact_match", "eval_loss")
     assert ALWAYS == ("eval_loss",)
     assert {"eval_loss", "forgetting"} <= LOWER_IS_BETTER and "exact_match" not in LOWER_IS_BETTER
     assert all("@" not in m for ms in FORMAT_METRICS.values() for m in ms)
