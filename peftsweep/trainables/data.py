@@ -199,6 +199,14 @@ def tokenize_for_training(ds: datasets.Dataset, tokenizer: Any, max_length: int)
     return tokenized.filter(lambda labels: any(t != IGNORE_INDEX for t in labels), input_columns="labels")
 
 
+def pad_id(tokenizer: Any) -> int:
+    """Padding id; tokenizers without a pad token (GPT-2, Llama 3) pad with EOS, which the mask hides."""
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
 def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids`` by ``pad_id``, ``attention_mask`` 1/0, ``labels`` -100 in padding."""
     import torch

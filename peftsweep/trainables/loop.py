@@ -234,7 +234,7 @@ def _data(trial: TrialConfig, tokenizer: Any, world: int, rank_id: int) -> tuple
     import torch
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from peftsweep.trainables.data import collate
+    from peftsweep.trainables.data import collate, pad_id
     from peftsweep.trainables.prepared import load_prepared
 
     tr = trial.spec.training
@@ -244,7 +244,7 @@ def _data(trial: TrialConfig, tokenizer: Any, world: int, rank_id: int) -> tuple
         data.train,
         batch_size=tr.batch_size,
         sampler=sampler,
-        collate_fn=lambda feats: collate(feats, tokenizer.pad_token_id),
+        collate_fn=lambda feats: collate(feats, pad_id(tokenizer)),
         drop_last=True,
         # Its own generator: creating an epoch's iterator must not advance the global RNG, or a resumed
         # trial's dropout masks would differ from the uninterrupted run's.

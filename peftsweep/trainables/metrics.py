@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from peftsweep.trainables.data import IGNORE_INDEX, collate, join_pieces, last_turn, token_pieces
+from peftsweep.trainables.data import IGNORE_INDEX, collate, join_pieces, last_turn, pad_id, token_pieces
 
 if TYPE_CHECKING:
     import datasets
@@ -107,13 +107,13 @@ def _completion_loss(
 ) -> float:
     import torch
 
-    pad_id = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     loss_sum, n_tokens = 0.0, 0
     for start in range(0, len(prompts), batch_size):
         chunk = zip(prompts[start : start + batch_size], answers[start : start + batch_size], strict=True)
         feats = [join_pieces([p, t], max_length=1 << 30) for p, t in chunk]  # no truncation
-        batch = {k: v.to(device) for k, v in collate(feats, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(feats, pad).items()}
         labels = batch.pop("labels")
         # Cross-entropy from the logits, not `model(..., labels).loss`: some methods add their own
         # penalty to it (AdaLoRA's orthogonality term), and eval_loss must mean the same for all.
@@ -130,14 +130,6 @@ def _completion_loss(
         )
         n_tokens += int((targets != IGNORE_INDEX).sum())
     return loss_sum / max(1, n_tokens)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    """Padding id; tokenizers without a pad token (GPT-2 style) pad with EOS, which the mask hides anyway."""
-    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tok_id is not None:
-            return int(tok_id)
-    return 0
 
 
 def _generate(
@@ -158,7 +150,7 @@ def _generate(
     """
     import torch
 
-    pad_id = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": temperature} if samples > 1 else {"do_sample": False}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -166,7 +158,7 @@ def _generate(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
             n = len(prompts[i])
@@ -178,7 +170,7 @@ def _generate(
             num_beams=1,
             num_return_sequences=samples,
             max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
+            pad_token_id=pad,
             eos_token_id=stop or None,
             **sampling,
         )
