@@ -12,17 +12,19 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from peftsweep.cli_redact import RedactingConsole, RedactingTyper
 from peftsweep.cluster.templates import Kind
 from peftsweep.spec import SpecError, SweepSpec, load_spec
 
-app = typer.Typer(
+app = RedactingTyper(
     help="Fair per-method LR × rank sweeps of PEFT methods (Ray Tune, Optuna, Ray Train/DeepSpeed, MLflow).",
     no_args_is_help=True,
     add_completion=False,
 )
 # Logs and CI are not terminals: keep tables readable there instead of rich's 80-column default.
 console = Console() if sys.stdout.isatty() else Console(width=120)
-err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=120)
+# Errors quote their inputs (a tracking URI, a DSN): every line on stderr is redacted (cli_redact.py).
+err = RedactingConsole(stderr=True) if sys.stderr.isatty() else RedactingConsole(stderr=True, width=120)
 
 SpecArg = Annotated[Path, typer.Argument(help="Sweep spec (YAML), e.g. examples/quickstart.yaml")]
 
@@ -212,7 +214,7 @@ def status(spec_path: SpecArg) -> None:
         err.print(f"no sweep store at {spec.tracking.root / 'optuna.db'}: sweep {spec.name!r} has not run")
         raise typer.Exit(1)
     metric = spec.search.metric
-    table = Table(title=f"sweep {spec.name}: {spec.tracking.optuna_storage_url()}")
+    table = Table(title=f"sweep {spec.name}: {_shown(spec.tracking.optuna_storage_url())}")
     for col in ("method", "complete", "running", "failed", "pruned", "left", f"best {metric}", "best params"):
         table.add_column(col, justify="left" if col in ("method", "best params") else "right")
     for row in sweep_status(spec):
