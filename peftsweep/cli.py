@@ -494,7 +494,10 @@ def tracking_serve(
     artifacts_destination: Annotated[
         str, typer.Option(help="Where adapters are stored: a path every reader can reach, or s3://BUCKET/…")
     ],
-    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 to serve the cluster")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(help="Interface to bind; beyond loopback (0.0.0.0) only with MLFLOW_TRACKING_PASSWORD"),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the server (and of its UI)")] = 5000,
     workers: Annotated[int, typer.Option(help="Server processes")] = 2,
     allowed_hosts: Annotated[
@@ -510,25 +513,28 @@ def tracking_serve(
     if backend_store_uri.startswith("sqlite") or "://" not in backend_store_uri:
         err.print("[red]--backend-store-uri: a shared server needs a database server (postgresql://…)[/]")
         raise typer.Exit(2)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
+    from peftsweep.cluster import tracking_server as ts
+
+    try:
+        env = ts.server_env(host, os.environ)
+    except ts.ExposureError as exc:
+        err.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    auth = ts.auth_configured(env)
+    cmd = ts.server_command(
         backend_store_uri,
-        "--serve-artifacts",
-        "--artifacts-destination",
         artifacts_destination,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-    ] + (["--allowed-hosts", allowed_hosts] if allowed_hosts else [])
-    console.print(f"MLflow server for {_shown(backend_store_uri)} on http://{host}:{port} (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+        host=host,
+        port=port,
+        workers=workers,
+        allowed_hosts=allowed_hosts,
+        auth=auth,
+    )
+    login = " with basic auth" if auth else " without authentication (loopback only)"
+    console.print(
+        f"MLflow server for {_shown(backend_store_uri)} on http://{host}:{port}{login} (Ctrl-C to stop)"
+    )
+    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 if __name__ == "__main__":
