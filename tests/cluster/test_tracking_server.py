@@ -91,6 +91,7 @@ def _status(url: str, user: str | None = None, password: str | None = None) -> i
         return exc.code
 
 
+@pytest.mark.slow  # Postgres and an MLflow server with its auth app: about a minute on 2 cores
 @pytest.mark.skipif(postgres_bin() is None, reason="needs a PostgreSQL server (initdb/pg_ctl)")
 def test_authenticated_server_rejects_anonymous_requests() -> None:
     user, password = "sweeper", "long-enough-pass-2"
