@@ -52,6 +52,13 @@ TARGETS = {"fixed_vs_peer": 0.10, "wall_ratio": 1.10, "cold_start_s": 15.0}  # i
 RSS_EVERY = 10  # trials between driver RSS samples
 
 
+def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+    """A side of the benchmark in its own process; its output's tail when it fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}… failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+
+
 def bench_spec(root: Path, trials: int, steps: int, concurrent: int, **resources: Any) -> dict[str, Any]:
     """The quickstart, LoRA only, every trial in full (no early stopping, no confirmation runs)."""
     raw = load_spec(QUICKSTART).model_dump(mode="json")
@@ -127,14 +134,14 @@ def fixed(args: argparse.Namespace, console: Console, rnd: int) -> dict[str, Any
     ]
     peer_cmd += ["--report-every", str(max(1, args.fixed_steps // 2)), "--out", str(peer_json)]
     console.print(f"[fixed {rnd}] peer: {' '.join(peer_cmd[1:])}")
-    subprocess.run(peer_cmd, check=True, capture_output=True, cwd=out)
+    _run(peer_cmd, out)
     ours_json = out / "peftsweep.json"
     cmd = [sys.executable, __file__, "--side", "fixed", str(out / "runs"), str(ours_json)]
     cmd += ["--fixed-trials", str(args.fixed_trials), "--fixed-steps", str(args.fixed_steps)]
     console.print(
         f"[fixed {rnd}] peftsweep run, {args.fixed_trials} × {args.fixed_steps} steps, one at a time"
     )
-    subprocess.run(cmd, check=True, capture_output=True, cwd=out)
+    _run(cmd, out)
     peer, ours = json.loads(peer_json.read_text()), json.loads(ours_json.read_text())
     return {
         "peer_per_trial_fixed_s": peer["per_trial_fixed_s"],
@@ -178,7 +185,7 @@ def wall(args: argparse.Namespace, console: Console, rnd: int) -> dict[str, Any]
     cli = str(Path(sys.executable).with_name("peftsweep"))
     console.print(f"[wall {rnd}] peftsweep run: {args.trials} trials × {args.steps} steps, 2 at a time")
     t0 = time.time()
-    subprocess.run([cli, "run", str(spec_path)], check=True, capture_output=True, cwd=out)
+    _run([cli, "run", str(spec_path)], out)
     ours = time.time() - t0
     spec = load_spec(spec_path)
     client = MlflowClient(spec.tracking.mlflow_tracking_uri())
@@ -189,21 +196,8 @@ def wall(args: argparse.Namespace, console: Console, rnd: int) -> dict[str, Any]
     console.print(f"[wall {rnd}] bare script: the same configs through run_trial, 2 processes")
     bare_json = out / "bare.json"
     t1 = time.time()
-    subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--side",
-            "bare",
-            str(spec_path),
-            str(bare_json),
-            "--trials",
-            str(args.trials),
-        ],
-        check=True,
-        capture_output=True,
-        cwd=out,
-    )
+    bare_cmd = [sys.executable, __file__, "--side", "bare", str(spec_path), str(bare_json)]
+    _run(bare_cmd + ["--trials", str(args.trials)], out)
     bare = time.time() - t1
     bare_run = json.loads(bare_json.read_text())
     first_bare = min(bare_run["trials"], key=lambda r: r["started_wall"])
@@ -254,7 +248,7 @@ def train(args: argparse.Namespace, console: Console, rnd: int) -> dict[str, Any
         )
         cmd = [sys.executable, __file__, "--side", "train", str(out / "runs"), str(out / "r.json")]
         cmd += ["--train-trials", str(args.train_trials), "--fixed-steps", str(args.fixed_steps)]
-        subprocess.run(cmd, check=True, capture_output=True, cwd=out, env=os.environ | env)
+        _run(cmd, out, env=os.environ | env)
         result[arm] = json.loads((out / "r.json").read_text())
     result["saved_per_trial_s"] = result["ray_defaults"]["per_trial_s"] - result["peftsweep"]["per_trial_s"]
     return result

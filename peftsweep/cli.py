@@ -12,20 +12,22 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from peftsweep.cli_redact import RedactingConsole, RedactingTyper
 from peftsweep.cluster.templates import Kind
 from peftsweep.spec import SpecError, SweepSpec, load_spec
 
 if TYPE_CHECKING:
     from peftsweep.orchestrator.sweep import SweepResult
 
-app = typer.Typer(
+app = RedactingTyper(
     help="Fair per-method LR × rank sweeps of PEFT methods (Ray Tune, Optuna, Ray Train/DeepSpeed, MLflow).",
     no_args_is_help=True,
     add_completion=False,
 )
 # Logs and CI are not terminals: keep tables readable there instead of rich's 80-column default.
 console = Console() if sys.stdout.isatty() else Console(width=120)
-err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=120)
+# Errors quote their inputs (a tracking URI, a DSN): every line on stderr is redacted (cli_redact.py).
+err = RedactingConsole(stderr=True) if sys.stderr.isatty() else RedactingConsole(stderr=True, width=120)
 
 SpecArg = Annotated[Path, typer.Argument(help="Sweep spec (YAML), e.g. examples/quickstart.yaml")]
 
@@ -222,7 +224,7 @@ def status(spec_path: SpecArg) -> None:
         err.print(f"no sweep store at {spec.tracking.root / 'optuna.db'}: sweep {spec.name!r} has not run")
         raise typer.Exit(1)
     metric = spec.search.metric
-    table = Table(title=f"sweep {spec.name}: {spec.tracking.optuna_storage_url()}")
+    table = Table(title=f"sweep {spec.name}: {_shown(spec.tracking.optuna_storage_url())}")
     for col in ("method", "complete", "running", "failed", "pruned", "left", f"best {metric}", "best params"):
         table.add_column(col, justify="left" if col in ("method", "best params") else "right")
     for row in sweep_status(spec):
@@ -502,7 +504,10 @@ def tracking_serve(
     artifacts_destination: Annotated[
         str, typer.Option(help="Where adapters are stored: a path every reader can reach, or s3://BUCKET/…")
     ],
-    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 to serve the cluster")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(help="Interface to bind; beyond loopback (0.0.0.0) only with MLFLOW_TRACKING_PASSWORD"),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the server (and of its UI)")] = 5000,
     workers: Annotated[int, typer.Option(help="Server processes")] = 2,
     allowed_hosts: Annotated[
@@ -518,25 +523,28 @@ def tracking_serve(
     if backend_store_uri.startswith("sqlite") or "://" not in backend_store_uri:
         err.print("[red]--backend-store-uri: a shared server needs a database server (postgresql://…)[/]")
         raise typer.Exit(2)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
+    from peftsweep.cluster import tracking_server as ts
+
+    try:
+        env = ts.server_env(host, os.environ)
+    except ts.ExposureError as exc:
+        err.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    auth = ts.auth_configured(env)
+    cmd = ts.server_command(
         backend_store_uri,
-        "--serve-artifacts",
-        "--artifacts-destination",
         artifacts_destination,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-    ] + (["--allowed-hosts", allowed_hosts] if allowed_hosts else [])
-    console.print(f"MLflow server for {_shown(backend_store_uri)} on http://{host}:{port} (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+        host=host,
+        port=port,
+        workers=workers,
+        allowed_hosts=allowed_hosts,
+        auth=auth,
+    )
+    login = " with basic auth" if auth else " without authentication (loopback only)"
+    console.print(
+        f"MLflow server for {_shown(backend_store_uri)} on http://{host}:{port}{login} (Ctrl-C to stop)"
+    )
+    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 if __name__ == "__main__":

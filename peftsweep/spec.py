@@ -17,9 +17,8 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
-    PositiveInt,
+    Strict,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -59,8 +58,11 @@ def _beyond_int64(value: Any) -> bool:
     return False
 
 
+# Every int field is strict: YAML `true` is not 1 (`max_steps: true` would train one step) and `1.5` is not 1.
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 # Optuna's TPE sampler seeds numpy, which takes [0, 2**32); torch takes that range too.
-Seed = Annotated[int, Field(ge=0, lt=2**32)]
+Seed = Annotated[int, Strict(), Field(ge=0, lt=2**32)]
 
 
 def _fields_fit_format(fields: dict[str, str], info: ValidationInfo) -> dict[str, str]:
@@ -288,7 +290,7 @@ class ResourcesSpec(_Strict):
     gpus_per_worker: NonNegativeFloat = 0.0  # 0: CPU training (gloo); >0 needs CUDA on the workers
     max_concurrent_trials: PositiveInt = 2  # trials of one method running at once
     trial_driver_cpus: float = Field(0.05, gt=0.0)  # the Tune trial that drives Ray Train; Tune rejects 0
-    zero_stage: int = Field(2, ge=0, le=3)  # paper protocol: ZeRO-2 wherever DeepSpeed is the engine
+    zero_stage: Annotated[int, Strict()] = Field(2, ge=0, le=3)  # paper protocol, where DeepSpeed is the engine
     offload_optimizer: bool = False  # DeepSpeed ZeRO optimizer-state offload to CPU (big bases on small GPUs)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 on CPU (bf16 is ~2× slower there)
     max_worker_restarts: NonNegativeInt = 1  # a crashed worker group restarts from the last checkpoint

@@ -100,3 +100,35 @@ def test_run_help_offers_nightly_and_unlock_exists() -> None:
     assert "--nightly" in result.output and "peftsweep.nightly" in result.output
     unlock = runner.invoke(app, ["unlock", "--help"], env={"COLUMNS": "160"})
     assert unlock.exit_code == 0 and "--force" in unlock.output
+
+
+_PW = "hunter2-cli-secret"
+
+
+def test_spec_errors_print_no_password(tmp_path: Path) -> None:
+    """A spec error echoes the bad value; a tracking URI's password must not reach the terminal."""
+    path = tmp_path / "s.yaml"
+    uri = f"postgresql://sweeps:{_PW}@db/mlflow\t"  # a tab: not a URI, so the error quotes it
+    path.write_text(yaml.safe_dump({"name": "cli", "methods": ["lora"], "tracking": {"mlflow_uri": uri}}))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "mlflow_uri" in result.output and "postgresql://sweeps:***@db" in result.output
+    assert _PW not in result.output
+
+
+def test_uncaught_errors_print_no_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An exception nobody caught is printed as a traceback, its message redacted, exit 1."""
+    from peftsweep.orchestrator import champion
+
+    def refuse(spec: object) -> None:
+        raise RuntimeError(f"cannot reach host=db password={_PW} (Authorization: Bearer {_PW})")
+
+    monkeypatch.setattr(champion, "champion_info", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        app(["best", str(_spec(tmp_path))], prog_name="peftsweep")
+    assert exit_info.value.code == 1
+    stderr = capsys.readouterr().err
+    assert "RuntimeError: cannot reach host=db password=***" in stderr
+    assert _PW not in stderr

@@ -197,3 +197,35 @@ def test_cli_run_names_the_bad_row_of_a_formatted_file_before_any_cluster_work(
     result = CliRunner().invoke(app, ["run", str(spec)])
     assert result.exit_code == 2, result.output
     assert where in result.output.replace("\n", ""), result.output
+
+
+@pytest.mark.parametrize(
+    ("snippet", "field"),
+    [
+        ("training: {max_steps: true}", "training.max_steps"),
+        ("training: {max_steps: 100.0}", "training.max_steps"),
+        ("resources: {zero_stage: true}", "resources.zero_stage"),
+        ("search: {seed: false}", "search.seed"),
+        ("search: {confirm_seeds: yes}", "search.confirm_seeds"),
+        ("evaluation: {samples: 2, pass_k: true}", "evaluation.pass_k"),
+        ("", "methods.0.ranks.1"),
+    ],
+)
+def test_booleans_and_floats_are_not_integers(snippet: str, field: str, tmp_path: Path) -> None:
+    """YAML `true` is not 1: `max_steps: true` must not train one step (pydantic's lax ints take it)."""
+    path = tmp_path / "s.yaml"
+    methods = "[{name: lora, ranks: [4, true]}]" if "ranks" in field else "[lora]"
+    path.write_text(f"name: strict\nmethods: {methods}\n{snippet}\n")
+    with pytest.raises(SpecError, match=rf"{field}: Input should be a valid integer"):
+        load_spec(path)
+
+
+def test_yaml_ints_and_floats_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: strict\nmethods: [{name: lora, ranks: [4, 8], lr_min: 1.0e-4, lr_max: 1}]\n"
+        "training: {max_steps: 80, eval_every: 40, warmup_ratio: 0}\ntracking: {lock_max_age_s: 60}\n"
+    )
+    spec = load_spec(path)
+    assert spec.training.max_steps == 80 and spec.methods[0].ranks == [4, 8]
+    assert spec.methods[0].lr_max == 1.0 and spec.tracking.lock_max_age_s == 60.0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 from peftsweep.spec import SpecError, SweepSpec
@@ -25,6 +27,8 @@ def connect(address: str | None = None, *, show_worker_logs: bool = False) -> bo
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     embedded = address is None
+    if embedded:
+        warn_if_auth_disabled(os.environ)
     ray.init(
         address=address,
         include_dashboard=embedded or None,
@@ -37,6 +41,22 @@ def connect(address: str | None = None, *, show_worker_logs: bool = False) -> bo
         logging_level="WARNING",
     )
     return True
+
+
+def warn_if_auth_disabled(environ: Mapping[str, str]) -> None:
+    """One clear line when the embedded cluster would start without Ray's token authentication.
+
+    Why: Ray's ports (GCS, raylet, workers) listen on every interface; without the token anyone who reaches
+    this machine can submit code to it. Ray turns tokens on by default for local clusters; this undoes it.
+    """
+    if environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+        warnings.warn(
+            "RAY_AUTH_MODE=disabled: the embedded Ray cluster starts without token authentication, and its "
+            "ports listen on all interfaces, so anyone who reaches this machine can run code in it; unset "
+            "RAY_AUTH_MODE",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def free_port() -> int:

@@ -41,6 +41,9 @@ GIB_PER_CPU = 4
 # The driver (data preparation, MLflow logging, the champion gate): the Ray head, the nightly CronJob's pod.
 DRIVER_RESOURCES = {"cpu": "4", "memory": "16Gi"}
 PART_OF = {"app.kubernetes.io/part-of": "peftsweep"}  # on every object, including the shared ones
+# Secrets the user creates (the headers say how); manifests only reference them.
+RAY_AUTH_SECRET = "peftsweep-ray-auth"  # key `token`: Ray's token authentication, on every Ray pod
+MLFLOW_AUTH_SECRET = "peftsweep-mlflow-auth"  # keys `username`, `password`: the tracking server's login
 # KubeRay limits a RayJob's name to 47 characters (its cluster gets a 6-character suffix, 53 at most).
 _MAX_NAME = 47
 
@@ -165,11 +168,27 @@ def config_map_name(spec: SweepSpec) -> str:
 
 
 def driver_pod(spec: SweepSpec, pod: dict[str, Any], image: str) -> dict[str, Any]:
-    """Fill a pod spec whose first container runs a sweep driver: image, resources, spec and runs volumes."""
+    """Fill a pod spec whose first container runs a sweep driver: image, resources, spec and runs volumes,
+    the Ray token and the MLflow login (only the driver talks to MLflow)."""
     container = pod["containers"][0]
     container["image"] = image
     container["resources"] = {"requests": dict(DRIVER_RESOURCES), "limits": dict(DRIVER_RESOURCES)}
+    container["env"] = ray_auth_env() + [
+        _secret_env(f"MLFLOW_TRACKING_{key.upper()}", MLFLOW_AUTH_SECRET, key, optional=True)
+        for key in ("username", "password")  # optional: a sweep may track to sqlite or an open server
+    ]
     return _mount_sweep_volumes(spec, pod)
+
+
+def ray_auth_env() -> list[dict[str, Any]]:
+    """Ray's token authentication on a pod: without it anyone reaching the GCS or dashboard runs code."""
+    token = _secret_env("RAY_AUTH_TOKEN", RAY_AUTH_SECRET, "token")
+    return [{"name": "RAY_AUTH_MODE", "value": "token"}, token]
+
+
+def _secret_env(name: str, secret: str, key: str, optional: bool = False) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": secret, "key": key} | ({"optional": True} if optional else {})
+    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
 
 
 def _raycluster(spec: SweepSpec, image: str) -> tuple[str, dict[str, Any]]:
@@ -183,6 +202,7 @@ def _raycluster(spec: SweepSpec, image: str) -> tuple[str, dict[str, Any]]:
     pod = group["template"]["spec"]
     worker = pod["containers"][0]
     worker["image"] = image
+    worker["env"] = ray_auth_env()
     quantity = {"cpu": str(size.node_cpus), "memory": f"{size.node_memory_gib}Gi"}
     if size.node_gpus:
         quantity["nvidia.com/gpu"] = str(size.node_gpus)

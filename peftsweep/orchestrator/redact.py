@@ -4,9 +4,13 @@ Why: a sweep's spec and errors carry what the environment handed them — an ``H
 database password in ``tracking.optuna_storage`` — and an MLflow store keeps them forever, readable by anyone
 who can browse it. Every write of text to MLflow goes through `RedactingClient`, which masks
 
-- the values of environment variables with secret-looking names (``HF_TOKEN``, ``AWS_SECRET_ACCESS_KEY``...),
-- the password of any URL with userinfo (``postgresql://user:***@host/db``),
+- the values of environment variables with secret-looking names (``HF_TOKEN``, ``PGPASSWORD``...),
+- the password of any URL with userinfo (``postgresql://user:***@host/db``, even with an unencoded ``@``),
+- secret-named URL query parameters (``?token=***``, ``&sig=***``), ``Authorization``/``Bearer`` credentials,
+  and ``name=value`` pairs under secret names (libpq's ``host=db password=***``),
 - whatever sits under a secret-looking key (a param, a tag, a dict entry: ``api_key`` → ``***``).
+
+The CLI prints its errors through the same rules (``peftsweep/cli_redact.py``).
 
 Files logged with ``log_artifact(s)`` are copied byte for byte (adapters are binary): text that may hold
 secrets is logged with ``log_text``/``log_dict`` (the spec, summaries, errors), or redacted by its writer
@@ -26,10 +30,17 @@ from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
 MASK = "***"
-# Name components that mark a secret; singular on purpose: `max_new_tokens`, `sort_keys` are not secrets.
+# A name component that is, or ends with, one of these marks a secret (`HF_TOKEN`, `PGPASSWORD`, `HFTOKEN`,
+# `SECRETKEY`). Singular on purpose: `max_new_tokens`, `sort_keys` are not secrets.
 SECRET_WORDS = frozenset(
-    {"token", "key", "secret", "password", "passwd", "pwd", "credential", "credentials", "apikey"}
+    {"token", "key", "secret", "password", "passwd", "pwd", "credential", "credentials", "passphrase"}
 )
+# A name's *last* component that is one of these marks a secret too (`DB_PASS`); first or inside it does not
+# (`pass_at_k`, `pass_k` are metrics).
+SECRET_LAST_WORDS = frozenset({"pass"})
+# URL query parameters that carry a credential although their names are not secret words (Azure SAS `sig`,
+# S3 presigned `X-Amz-Signature`).
+SECRET_QUERY_NAMES = frozenset({"sig", "signature", "x-amz-signature", "auth"})
 # Shell variables whose names match but which hold the working directory, not a password: masking them
 # would blank every local path in the store.
 NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})
@@ -38,13 +49,55 @@ NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})
 MIN_SECRET_LEN = 6
 
 _NAME_PARTS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")  # HF_TOKEN, apiKey, APIKey, key2
-# scheme://user:password@ — the password stops where RFC 3986 userinfo must (/ ? # @ are encoded in it).
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*:)(?P<password>[^\s/?#@]+)@")
+# scheme://user:password@host — greedy up to the last @ before the path: a password with an unencoded @
+# (`u:p@ss@host`) is masked whole; RFC 3986 says to encode it, but people paste what they have.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*:)(?P<password>[^\s/?#]+)@")
+# ?name=value / &name=value in a URL
+_QUERY_PARAM = re.compile(r"(?P<head>[?&;](?P<name>[^=&#\s]+)=)(?P<value>[^&#\s'\"]+)")
+# `Authorization: Bearer abc`, `authorization=Basic abc`, `Bearer abc` alone (a header pasted into an error)
+_AUTH_HEADER = re.compile(
+    r"(?P<head>\bauthorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token|digest)\s+)?)(?P<value>[^\s\"',]+)"
+    r"|(?P<head2>\bbearer\s+)(?P<value2>[A-Za-z0-9._~+/=-]{6,})",
+    re.IGNORECASE,
+)
+# name=value pairs (libpq DSNs `host=x password=y`, `PGPASSWORD=y` in a command line) and quoted "name": value
+# pairs (JSON, a dict's repr). A bare `name: value` is left alone: reports say `token_f1: 0.51`.
+_NAMED_VALUE = re.compile(
+    r"(?P<head>(?P<q>[\"'])(?P<qname>[A-Za-z_][\w.-]*)(?P=q)\s*:\s*|\b(?P<name>[A-Za-z_][\w.-]*)\s*=\s*)"
+    r"(?P<value>'[^']*'|\"[^\"]*\"|(?![\"'])[^\s&;,'\"]+)"
+)
+# A plain number under a token/key name is a count or a score (`max_tokens=5`, `token_f1=0.5`), never one of
+# those credentials; under a password name it may well be the password.
+_NUMBER = re.compile(r"[\"']?[-+]?\d+(\.\d*)?([eE][-+]?\d+)?[\"']?")
+_PASSWORD_PARTS = ("pass", "pwd")
 
 
 def is_secret_name(name: str) -> bool:
-    """Whether a variable, field or key name looks like it holds a secret (a component is a secret word)."""
-    return any(part.lower() in SECRET_WORDS for part in _NAME_PARTS.findall(name))
+    """Whether a variable, field or key name looks like it holds a secret (see `SECRET_WORDS`)."""
+    parts = [part.lower() for part in _NAME_PARTS.findall(name)]
+    return bool(parts) and (
+        parts[-1] in SECRET_LAST_WORDS or any(part.endswith(w) for part in parts for w in SECRET_WORDS)
+    )
+
+
+def _mask_named(m: re.Match[str]) -> str:
+    name, value = m["name"] or m["qname"], m["value"]
+    if not is_secret_name(name) or value.startswith(("[", "{")) or "://" in value:
+        return m[0]  # a URL's password is the URL rule's; a structure is data(), not text
+    if _NUMBER.fullmatch(value) and not any(p in name.lower() for p in _PASSWORD_PARTS):
+        return m[0]
+    quote_char = value[0] if value[0] in "'\"" else ""
+    return f"{m['head']}{quote_char}{MASK}{quote_char}"
+
+
+def _mask_query(m: re.Match[str]) -> str:
+    name = m["name"]
+    secret = is_secret_name(name) or name.lower() in SECRET_QUERY_NAMES
+    return f"{m['head']}{MASK}" if secret else m[0]
+
+
+def _mask_auth(m: re.Match[str]) -> str:
+    return f"{m['head'] or m['head2']}{MASK}"
 
 
 class Redactor:
@@ -63,10 +116,13 @@ class Redactor:
         self._values = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
 
     def text(self, s: str) -> str:
-        """`s` with known secret values and URL passwords replaced by ``***``."""
+        """`s` with known secret values, URL passwords and secret-named values replaced by ``***``."""
         if self._values is not None:
             s = self._values.sub(MASK, s)
-        return _URL_PASSWORD.sub(lambda m: f"{m['head']}{MASK}@", s)
+        s = _URL_PASSWORD.sub(lambda m: f"{m['head']}{MASK}@", s)
+        s = _QUERY_PARAM.sub(_mask_query, s)
+        s = _AUTH_HEADER.sub(_mask_auth, s)
+        return _NAMED_VALUE.sub(_mask_named, s)
 
     def value(self, key: str, value: Any) -> Any:
         """A key's value as it may be recorded: masked whole under a secret name; numbers and None as is."""

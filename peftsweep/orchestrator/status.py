@@ -1,13 +1,16 @@
 """Progress of a sweep per method, read from its Optuna studies: works while the sweep runs elsewhere.
 
 Why Optuna: the RDB study is the sweep's source of truth (one study per method, ``<sweep>/<method>``); reading
-it needs no Ray and no MLflow, and it is what a resumed sweep continues from.
+it needs no Ray, and it is what a resumed sweep continues from. The budget is per sweep run (each night adds
+``trials_per_method`` trials to the same studies), so what is left counts only the trials started since the
+latest sweep run began; that start time is the one thing read from MLflow.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from peftsweep.spec import SweepSpec
@@ -45,17 +48,43 @@ class MethodStatus:
     """One method's study: trials by state against the budget, and the best finished trial."""
 
     method: str
-    budget: int
-    complete: int
+    budget: int  # per sweep run
+    complete: int  # these four: the whole study, every run
     running: int
     failed: int
     pruned: int
     best_value: float | None
     best_params: dict[str, float | int]
+    this_run: int = 0  # the latest sweep run's trials that count against its budget (done or running)
 
     @property
     def remaining(self) -> int:
-        return max(0, self.budget - self.complete - self.pruned - self.running)
+        return max(0, self.budget - self.this_run)
+
+
+def latest_run_start(spec: SweepSpec) -> datetime | None:
+    """When the sweep's latest run began (its MLflow sweep run), in Optuna's terms: naive local time.
+
+    None when it never ran; then every trial of the study counts. A resumed run keeps its original start.
+    """
+    uri = spec.tracking.mlflow_tracking_uri()
+    if uri.startswith("sqlite:///") and not (spec.tracking.root / "mlflow.db").is_file():
+        return None  # do not create an empty store just to look
+    from mlflow.tracking import MlflowClient
+
+    from peftsweep.orchestrator.tracking import LEVEL_TAG
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(spec.name)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{LEVEL_TAG}` = 'sweep'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return datetime.fromtimestamp(runs[0].info.start_time / 1000) if runs else None
 
 
 def sweep_status(spec: SweepSpec) -> list[MethodStatus]:
@@ -65,6 +94,9 @@ def sweep_status(spec: SweepSpec) -> list[MethodStatus]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(spec.tracking.optuna_storage_url())
     existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    since = latest_run_start(spec)
+    states = optuna.trial.TrialState
+    counted = (states.COMPLETE, states.PRUNED, states.RUNNING)
     out = []
     for m in spec.methods:
         name = f"{spec.name}/{m.name}"
@@ -83,6 +115,10 @@ def sweep_status(spec: SweepSpec) -> list[MethodStatus]:
                 pruned=count[optuna.trial.TrialState.PRUNED],
                 best_value=best.value if best else None,
                 best_params=dict(best.params) if best else {},
+                this_run=sum(
+                    t.state in counted and (since is None or (t.datetime_start or since) >= since)
+                    for t in trials
+                ),
             )
         )
     return out

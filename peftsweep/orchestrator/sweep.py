@@ -147,7 +147,7 @@ def _check_methods_fit(spec: SweepSpec, model_config: dict[str, Any]) -> None:
             f"methods.{i}.ranks: rank {max(m.ranks)} exceeds the base model's hidden size {width}; "
             f"use ranks <= {width}"
             for i, m in enumerate(spec.methods)
-            if m.ranks and max(m.ranks) > width
+            if m.ranks and max(m.ranks) > width and search_spaces.get_method(m.name).rank_bounded_by_width
         ]
     if problems:
         raise SpecError("\n".join(problems))

@@ -49,6 +49,9 @@ class Method:
     apply: Callable[[PreTrainedModel, AdapterHParams, Path], PeftModel]
     # --- optional parts; the defaults fit a plain PEFT adapter ---------------------------------------------
     uses_rank: bool = True  # False: no rank in the search space (IA3, BitFit, full FT, prompt methods)
+    # True: a rank above the layer width is no longer low-rank (LoRA's A, B factor the weight update), so the
+    # spec is rejected. False where the rank is something else (VeRA: the shared random projection's rank).
+    rank_bounded_by_width: bool = True
     # model_type (config.json) -> why this method cannot run on it; rejected before any trial starts.
     unsupported: Mapping[str, str] = field(default_factory=dict)
     requires_cuda: str | None = None  # why the method needs a CUDA GPU (QLoRA); rejected on CPU-only specs

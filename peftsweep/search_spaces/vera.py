@@ -38,5 +38,8 @@ METHOD = register(
         ranks=DEFAULT_RANKS,
         options={"d_initial": 0.1},  # VeRA paper / PEFT default: small d keeps the early updates small
         apply=_apply,
+        # The rank is the frozen random projection's: the paper uses ranks above the hidden size (1024 on
+        # RoBERTa-base, width 768), and only the per-layer scaling vectors are trained.
+        rank_bounded_by_width=False,
     )
 )

@@ -1,52 +1,50 @@
-"""Run untrusted, model-generated Python (code-task evaluation) in a throw-away subprocess.
+"""Run untrusted, model-generated Python (code-task evaluation) in a throw-away, confined subprocess.
 
 Why: pass@k needs to *execute* what the adapter generated, inside a sweep that runs as root next to Ray
 workers and MLflow. A generated program must not be able to hang the evaluation, eat the node's memory,
-reach the network, spawn processes or scribble outside its own scratch directory. Layers, cheapest first:
+reach the network, spawn processes, read the node's secrets or write outside its own scratch directory, and
+it must not score as passed unless its tests ran to their end. Layers, applied by the child
+(:mod:`sandbox_child`, kernel parts in :mod:`sandbox_kernel`) before the program runs:
 
-* a fresh interpreter ``sys.executable -I -S`` (no site-packages, no ``PYTHON*`` env) in a fresh temporary
-  working directory (deleted afterwards) with an environment holding only ``PATH`` (``HOME``/``TMPDIR`` point
-  at the scratch directory: no secrets, no proxy variables);
-* resource limits set by the child's prelude before the program runs: ``RLIMIT_CPU`` (≈ timeout),
-  ``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_FSIZE`` (a few MB), ``RLIMIT_CORE`` 0. They are set in the child
-  rather than in ``preexec_fn`` because ``preexec_fn`` is unsafe in a threaded parent and :func:`score` runs
-  programs from a thread pool. ``RLIMIT_NPROC`` is deliberately *not* set: it counts every process of the
-  user (the sweep's own Ray workers included), and root ignores it anyway; process creation is stopped by
-  the audit hook instead;
-* ``start_new_session=True`` and, on timeout (and after every run), ``SIGKILL`` to the whole process group,
-  sent before the leader is reaped so the group id cannot have been recycled;
-* a ``sys.addaudithook`` hook (hooks cannot be removed) that ends the process with :data:`BLOCKED_EXIT`
-  on sockets (except ``AF_UNIX`` socketpairs, which asyncio needs) and DNS, process creation
-  (``subprocess.Popen``, ``os.system``, ``os.exec*``, ``os.posix_spawn``, ``os.fork``,
-  ``_posixsubprocess.fork_exec``), signals, ``ctypes``, changing resource limits, symlinks/hard links, and
-  writes/deletes outside the scratch directory. Catching the exception cannot undo it: the hook exits;
-* when the kernel allows it, ``unshare --user --net`` (probed once per process, silently skipped otherwise):
-  a private network namespace with only a down loopback, so even a bypass of the hook has no network.
+* a fresh interpreter ``sys.executable -I -S`` in a fresh scratch directory (deleted afterwards) with an
+  environment holding only ``PATH``, ``LC_ALL`` and ``HOME``/``TMPDIR`` (the scratch directory);
+* where the kernel allows it, ``unshare --user --map-root-user --mount --net``: a network namespace with only
+  a down loopback, and a mount namespace in which every mount is read-only and the scratch directory is a
+  tmpfs of ``_SCRATCH_BYTES`` and ``_MAX_FILES`` files;
+* Landlock (reads only from the interpreter's library and system directories, writes only in the scratch
+  directory, no TCP, no signals out); a seccomp filter (no fork, vfork or exec; clone only for threads);
+  no capabilities;
+* resource limits: ``RLIMIT_CPU`` (≈ timeout), ``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_FSIZE`` (a few MB),
+  ``RLIMIT_CORE`` 0 (set in the child, not in ``preexec_fn``, which is unsafe in a threaded parent; the
+  kernel uid stays 0 in the namespace, so ``RLIMIT_NPROC`` would not bind and seccomp stops forks instead);
+* ``start_new_session=True`` and ``SIGKILL`` to the whole process group after every run;
+* a ``sys.addaudithook`` hook, the second layer: it ends the process with :data:`BLOCKED_EXIT` on sockets,
+  process creation, signals, ``ctypes``, changing limits, links, and writes or metadata changes outside
+  the scratch directory; it cannot see everything (``os.mkfifo`` raises no audit event), the kernel can;
+* completion proof: the parent sends a fresh nonce on stdin and scores the sample only if the child wrote
+  it back after the program's last line, so ``os._exit(0)`` before the tests is a failure.
 
-Found on the development machine (Linux 6.18, container, root, util-linux ``unshare``, no seccomp): user
-namespaces are enabled (``user.max_user_namespaces`` > 0), ``unshare --user --net`` works, the program runs
-as the overflow uid 65534 and sees only a down ``lo``; ``connect`` fails with ``ENETUNREACH`` and DNS with
-``EAI_AGAIN``. Kernels/containers that forbid user namespaces (seccomp, AppArmor
-``apparmor_restrict_unprivileged_userns``) make the probe fail and leave the audit hook as the only guard.
-
-The audit hook is a guard against *accidental* damage by generated code, not a security boundary against
-an adversary (e.g. ``os.open(..., dir_fd=...)`` or re-importing C modules can dodge it). For hostile code,
-run the evaluation in a container or VM.
+Which kernel layers hold is probed once per process (:func:`isolation`); each missing one is reported once,
+as a ``RuntimeWarning``. Without them the audit hook guards against accidents only: run untrusted models'
+code in a container or VM.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Literal
 
 # Exit status of a program stopped by the audit hook: not 0/1 (Python's own), not 2 (argparse/usage),
@@ -55,93 +53,26 @@ BLOCKED_EXIT = 87
 
 Reason = Literal["ok", "failed", "timeout", "blocked", "crashed"]
 
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+_NAMESPACES = ("--user", "--map-root-user", "--mount", "--net")
 _STDERR_TAIL_BYTES = 2048  # enough for the last traceback; the result is logged, not stored per sample
 _FSIZE_BYTES = 4 << 20  # 4 MiB per written file (stderr included): tests need none, a runaway loop is capped
+_SCRATCH_BYTES = 64 << 20  # all files of one program together; tmpfs pages are memory, only when written
+_MAX_FILES = 256  # files and directories in the scratch tmpfs (its root counts): tests need a handful
+_PROOF_MAX_BYTES = 4096  # the layers line and the nonce line; anything longer is the program's noise
 _POLL_S = 0.01  # wait granularity; adds at most 10 ms to a run, negligible next to interpreter start-up
 _PROBE_TIMEOUT_S = 10.0  # a cold interpreter start on a loaded 2-core node takes well under a second
 
-# Runs in the child before the program. Everything the hook needs is bound as a default argument so that
-# the program cannot reach or rebind it through module globals.
-_PRELUDE = r"""
-import os, sys, resource, types, builtins
 
-def _setup(prog, work, cpu_s, mem, fsize, blocked_exit):
-    for lim, soft, hard in (
-        (resource.RLIMIT_CPU, cpu_s, cpu_s + 1),  # SIGXCPU at soft, SIGKILL at hard if it is ignored
-        (resource.RLIMIT_AS, mem, mem),
-        (resource.RLIMIT_FSIZE, fsize, fsize),
-        (resource.RLIMIT_CORE, 0, 0),
-    ):
-        cur_hard = resource.getrlimit(lim)[1]
-        if cur_hard != resource.RLIM_INFINITY:
-            soft, hard = min(soft, cur_hard), min(hard, cur_hard)
-        resource.setrlimit(lim, (soft, hard))
-    with open(prog, encoding="utf-8") as f:
-        src = f.read()
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one run; :func:`run_python` derives them from its arguments."""
 
-    def _die(what, _write=os.write, _exit=os._exit, _code=blocked_exit):
-        _write(2, ("\nsandbox: blocked " + what + "\n").encode("utf-8", "replace"))
-        _exit(_code)
-
-    # Imported now (the hook then refuses re-imports) and defanged: it forks without an audit event.
-    import _posixsubprocess
-    _posixsubprocess.fork_exec = lambda *a, **k: _die("_posixsubprocess.fork_exec")
-
-    banned = frozenset((
-        "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-        "os.kill", "os.killpg", "signal.pthread_kill", "pty.spawn", "resource.setrlimit", "resource.prlimit",
-        "os.symlink", "os.link", "sys.remote_exec",
-    ))
-    banned_prefixes = ("socket.", "ctypes.", "winreg.", "_winapi.")
-    banned_imports = frozenset(("ctypes", "_ctypes", "_posixsubprocess"))
-    path_events = {  # event -> indices of the path arguments that must stay inside the scratch directory
-        "os.remove": (0,), "os.rename": (0, 1), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,),
-        "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,), "shutil.rmtree": (0,),
-        "shutil.copyfile": (1,), "shutil.copytree": (1,), "shutil.move": (1,),
-    }
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    root = os.path.realpath(work) + "/"
-
-    def _outside(p, _abs=os.path.abspath, _fsdecode=os.fsdecode):
-        if isinstance(p, int):  # an already open descriptor: its opening was checked
-            return False
-        return not (_abs(_fsdecode(p)) + "/").startswith(root)
-
-    def hook(event, args, _unix=getattr(__import__("socket"), "AF_UNIX", None)):
-        if event == "socket.__new__" and args[1] == _unix:
-            return  # socketpair() for asyncio's self-pipe; connect/bind on it are still refused
-        if event in banned or event.startswith(banned_prefixes):
-            _die(event)
-        elif event == "import" and args[0] in banned_imports:
-            _die("import " + args[0])
-        elif event == "open":
-            path, mode, flags = args
-            writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & write_flags)
-            if writing and path is not None and _outside(path):
-                _die("write to " + repr(path))
-        elif event in path_events:
-            for i in path_events[event]:
-                if i < len(args) and args[i] is not None and _outside(args[i]):
-                    _die(event + " " + repr(args[i]))
-
-    sys.addaudithook(hook)
-    main = types.ModuleType("__main__")
-    main.__file__ = prog
-    main.__builtins__ = builtins
-    return main, compile(src, prog, "exec")
-
-_main, _code = _setup(sys.argv[1], os.getcwd(), *map(int, sys.argv[2:6]))
-_keep, sys.modules["__main__"], sys.argv = sys.modules["__main__"], _main, [sys.argv[1]]
-try:
-    exec(_code, _main.__dict__)
-except SystemExit as e:
-    if e.code not in (None, 0):
-        raise
-    # An early exit(0) would skip the asserts after it and read as a pass.
-    sys.stderr.write("sandbox: SystemExit(0) before the program finished; counted as a failure\n")
-    sys.stderr.flush()
-    os._exit(1)
-"""
+    cpu_s: int
+    memory_bytes: int
+    file_bytes: int = _FSIZE_BYTES
+    scratch_bytes: int = _SCRATCH_BYTES
+    max_files: int = _MAX_FILES
 
 
 @dataclass(frozen=True)
@@ -152,15 +83,35 @@ class SandboxResult:
     reason: Reason
     stderr_tail: str
     seconds: float
+    layers: frozenset[str] = field(default_factory=frozenset)  # the kernel isolation that held for this run
+    missing: dict[str, str] = field(default_factory=dict)  # the layers that did not, and why
+    returncode: int | None = None
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """The kernel layers a program gets on this machine, and why each missing one is missing."""
+
+    layers: frozenset[str]
+    missing: dict[str, str]
+
+
+def _base_env(work: str) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "HOME": work,
+        "TMPDIR": work,
+        "LC_ALL": "C.UTF-8",
+    }
 
 
 @functools.cache
 def _unshare_prefix() -> tuple[str, ...]:
-    """``("unshare", "--user", "--net")`` if it works here (checked once), else ``()``."""
+    """``("unshare", "--user", "--map-root-user", "--mount", "--net")`` if it works here (checked once)."""
     exe = shutil.which("unshare")
     if exe is None:
         return ()
-    cmd = (exe, "--user", "--net")
+    cmd = (exe, *_NAMESPACES)
     try:
         done = subprocess.run(
             [*cmd, sys.executable, "-I", "-S", "-c", "pass"],
@@ -181,13 +132,39 @@ def network_namespace_available() -> bool:
     return bool(_unshare_prefix())
 
 
-def _base_env(work: str) -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", os.defpath),
-        "HOME": work,
-        "TMPDIR": work,
-        "LC_ALL": "C.UTF-8",
-    }
+@functools.cache
+def isolation() -> Isolation:
+    """Probe once which kernel layers hold here; warn once, naming each missing one and why."""
+    res = _run("pass", timeout_s=_PROBE_TIMEOUT_S, limits=_limits(_PROBE_TIMEOUT_S, 512))
+    missing = dict(res.missing)
+    if not res.passed:
+        missing["all"] = f"the sandbox probe failed ({res.reason}): {res.stderr_tail.strip()[-300:]}"
+    if missing:
+        warnings.warn(
+            "peftsweep sandbox: generated code runs without "
+            + "; ".join(f"{k} ({v})" for k, v in sorted(missing.items()))
+            + ". The audit hook guards against accidents only: run untrusted models' code in a container.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return Isolation(res.layers, missing)
+
+
+def _limits(timeout_s: float, memory_mb: int) -> Limits:
+    # CPU one second past the wall timeout: a single-threaded loop meets the (gentler) wall timeout first.
+    return Limits(cpu_s=math.ceil(timeout_s) + 1, memory_bytes=memory_mb << 20)
+
+
+def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512) -> SandboxResult:
+    """Execute ``code`` as ``__main__`` in the sandbox; passed iff it ran to its end and exited 0 in time.
+
+    Never raises for anything the program does; a failure to start the interpreter is reported as
+    ``reason="crashed"`` so one broken sample cannot abort an evaluation.
+    """
+    if timeout_s <= 0 or memory_mb <= 0:
+        raise ValueError(f"timeout_s and memory_mb must be positive, got {timeout_s}, {memory_mb}")
+    isolation()  # warns once where a layer is missing
+    return _run(code, timeout_s=timeout_s, limits=_limits(timeout_s, memory_mb))
 
 
 def _wait_unreaped(pid: int, deadline: float) -> bool:
@@ -219,55 +196,111 @@ def _read_tail(path: str) -> str:
         return ""
 
 
-def _reason(returncode: int, timed_out: bool) -> Reason:
+def _read_proof(fd: int) -> list[str]:
+    """What the child wrote on its proof pipe (it has exited; a leftover writer must not block us)."""
+    os.set_blocking(fd, False)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while len(data) < _PROOF_MAX_BYTES and (chunk := os.read(fd, _PROOF_MAX_BYTES)):
+            data += chunk
+    return data.decode("utf-8", "replace").splitlines()
+
+
+def _layers(lines: list[str], namespaced: bool) -> tuple[frozenset[str], dict[str, str]]:
+    """The child's first proof line names the kernel layers that held; the parent adds the namespace's."""
+    try:
+        report = json.loads(lines[0])
+        layers, missing = set(report["layers"]), dict(report["missing"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return frozenset(), {"all": "the child reported no isolation"}
+    if namespaced:
+        layers.add("network-namespace")
+    else:
+        missing["network-namespace"] = "unshare --user --mount --net unavailable or refused"
+    return frozenset(layers), missing
+
+
+def _reason(returncode: int, timed_out: bool, finished: bool) -> Reason:
     if timed_out or returncode == -signal.SIGXCPU:
         return "timeout"
-    if returncode == 0:
-        return "ok"
     if returncode == BLOCKED_EXIT:
         return "blocked"
-    return "crashed" if returncode < 0 else "failed"
+    if returncode < 0:
+        return "crashed"
+    return "ok" if returncode == 0 and finished else "failed"
 
 
-def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512) -> SandboxResult:
-    """Execute ``code`` as ``__main__`` in a sandboxed interpreter; passed iff it exits 0 within the timeout.
+def _child_config(root: str, work: str, limits: Limits, proof_fd: int, kernel: bool, hook: bool) -> str:
+    return json.dumps({
+        "program": os.path.join(root, "program.py"),
+        "scratch": work,
+        "cpu_s": limits.cpu_s,
+        "memory_bytes": limits.memory_bytes,
+        "file_bytes": limits.file_bytes,
+        "scratch_caps": [limits.scratch_bytes, limits.max_files],
+        "blocked_exit": BLOCKED_EXIT,
+        "proof_fd": proof_fd,
+        "private_fs": kernel and bool(_unshare_prefix()),
+        "kernel": kernel,
+        "audit_hook": hook,
+    })  # fmt: skip
 
-    Never raises for anything the program does; a failure to start the interpreter is reported as
-    ``reason="crashed"`` so one broken sample cannot abort an evaluation.
-    """
-    if timeout_s <= 0 or memory_mb <= 0:
-        raise ValueError(f"timeout_s and memory_mb must be positive, got {timeout_s}, {memory_mb}")
+
+def _run(
+    code: str, *, timeout_s: float, limits: Limits, kernel: bool = True, audit_hook: bool = True
+) -> SandboxResult:
+    """One run; ``kernel`` and ``audit_hook`` let tests prove each layer alone (never turn both off)."""
     root = tempfile.mkdtemp(prefix="peftsweep-sandbox-")
+    proof_r, proof_w = os.pipe()
     try:
         work = os.path.join(root, "work")
         os.mkdir(work)
-        prog = os.path.join(root, "program.py")  # outside `work`: the program cannot rewrite itself
-        with open(prog, "w", encoding="utf-8") as f:
+        with open(os.path.join(root, "program.py"), "w", encoding="utf-8") as f:  # outside `work`
             f.write(code)
-        limits = (math.ceil(timeout_s) + 1, memory_mb << 20, _FSIZE_BYTES, BLOCKED_EXIT)
-        cmd = [*_unshare_prefix(), sys.executable, "-I", "-S", "-c", _PRELUDE, prog, *map(str, limits)]
+        prefix = _unshare_prefix() if kernel else ()
+        config = _child_config(root, work, limits, proof_w, kernel, audit_hook)
         err_path = os.path.join(root, "stderr.txt")
+        nonce = secrets.token_hex(16)
         start = time.monotonic()
         with open(err_path, "wb") as err:
             try:
                 proc = subprocess.Popen(
-                    cmd,
+                    [*prefix, sys.executable, "-I", "-S", _CHILD, config],
                     cwd=work,
                     env=_base_env(work),
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.PIPE,
                     stdout=subprocess.DEVNULL,
                     stderr=err,
+                    pass_fds=(proof_w,),
                     start_new_session=True,
                 )
             except OSError as e:
                 return SandboxResult(False, "crashed", f"cannot start sandbox: {e}", 0.0)
+        os.close(proof_w)
+        proof_w = -1
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):  # a child that died at start-up
+            proc.stdin.write(nonce.encode() + b"\n")
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
         try:
             exited = _wait_unreaped(proc.pid, start + timeout_s)
         finally:
             _killpg(proc.pid)  # also reaps leftovers of a finished program; leader unreaped => pgid valid
             proc.wait()
         seconds = time.monotonic() - start
-        reason = _reason(proc.returncode, timed_out=not exited)
-        return SandboxResult(reason == "ok", reason, _read_tail(err_path), seconds)
+        lines = _read_proof(proof_r)
+        finished = f"done {nonce}" in lines[1:]
+        layers, missing = _layers(lines, bool(prefix)) if kernel else (frozenset(), {"all": "turned off"})
+        reason = _reason(proc.returncode, timed_out=not exited, finished=finished)
+        tail = _read_tail(err_path)
+        if proc.returncode == 0 and not finished:
+            tail += (
+                "\nsandbox: exited 0 before the program's end (no completion proof): counted as a failure\n"
+            )
+        return SandboxResult(reason == "ok", reason, tail, seconds, layers, missing, proc.returncode)
     finally:
+        os.close(proof_r)
+        if proof_w >= 0:
+            os.close(proof_w)
         shutil.rmtree(root, ignore_errors=True)

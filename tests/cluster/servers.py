@@ -112,14 +112,16 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 @contextmanager
-def mlflow_server(base: Path, backend: str) -> Iterator[str]:
-    """`peftsweep tracking serve` on a free port; yields its http:// URI."""
+def mlflow_server(base: Path, backend: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`peftsweep tracking serve` on a free port (`env`: its environment); yields its http:// URI."""
     port = free_port()
     log = base / "mlflow-server.log"
     cmd = [str(VENV_BIN / "peftsweep"), "tracking", "serve", "--backend-store-uri", backend]
     cmd += ["--artifacts-destination", str(base / "artifacts"), "--port", str(port), "--workers", "1"]
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(  # cwd: where the basic-auth app keeps its users (basic_auth.db)
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=base
+        )
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_http(f"{uri}/health", proc, log)

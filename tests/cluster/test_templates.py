@@ -180,7 +180,7 @@ def test_tracking_takes_the_postgres_password_from_a_secret_only(tmp_path: Path)
     envs = [env for path, env in _walk(docs) if path.endswith(".env") for env in env]
     secret_refs = 0
     for env in envs:
-        if "PASSWORD" in env["name"]:
+        if "PASSWORD" in env["name"] and env["name"] != "MLFLOW_AUTH_ADMIN_PASSWORD":
             assert "value" not in env, env
             assert env["valueFrom"]["secretKeyRef"] == {"name": "peftsweep-postgres", "key": "password"}
             secret_refs += 1
@@ -293,3 +293,62 @@ def _spec(workers: int, gpus: float, cpus: float, concurrent: int) -> SweepSpec:
         max_concurrent_trials=concurrent,
     )
     return _SIZING_BASE.model_copy(update={"resources": resources})
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {env["name"]: env for env in container.get("env", [])}
+
+
+def test_tracking_server_runs_basic_auth_with_its_login_from_a_secret(tmp_path: Path) -> None:
+    """An MLflow server on 0.0.0.0 without authentication lets anyone in the cluster move @champion."""
+    docs = _render("tracking", _spec_file(tmp_path))
+    server = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    command = " ".join(server["command"])
+    assert "--app-name basic-auth" in command and "--host 0.0.0.0" in command
+    env = _env(server)
+    for name, key in [
+        ("MLFLOW_AUTH_ADMIN_USERNAME", "username"),
+        ("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
+        ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key"),
+    ]:
+        assert env[name] == {
+            "name": name,
+            "valueFrom": {"secretKeyRef": {"name": "peftsweep-mlflow-auth", "key": key}},
+        }
+    header = CliRunner().invoke(app, ["cluster", "template", "tracking", str(_spec_file(tmp_path))]).output
+    assert "kubectl create secret generic peftsweep-mlflow-auth" in header
+
+
+RAY_TOKEN = {
+    "name": "RAY_AUTH_TOKEN",
+    "valueFrom": {"secretKeyRef": {"name": "peftsweep-ray-auth", "key": "token"}},
+}
+
+
+@pytest.mark.parametrize("kind", ["raycluster", "rayjob"])
+def test_every_ray_pod_reads_the_auth_token_from_a_secret(kind: str, tmp_path: Path) -> None:
+    spec_path = _spec_file(tmp_path)
+    docs = _render(kind, spec_path)
+    ray = _one(docs, "RayCluster" if kind == "raycluster" else "RayJob")
+    cluster = ray["spec"] if kind == "raycluster" else ray["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]]
+    pods += [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        env = _env(pod["containers"][0])
+        assert env["RAY_AUTH_TOKEN"] == RAY_TOKEN
+        assert env["RAY_AUTH_MODE"] == {"name": "RAY_AUTH_MODE", "value": "token"}
+    head = _env(pods[0]["containers"][0])  # the driver: the only MLflow client
+    login = head["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert login == {"name": "peftsweep-mlflow-auth", "key": "password", "optional": True}
+    output = CliRunner().invoke(app, ["cluster", "template", kind, str(spec_path)]).output
+    assert "kubectl create secret generic peftsweep-ray-auth" in output
+
+
+def test_nightly_cronjob_reads_the_ray_token_and_mlflow_login(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["schedule", str(_spec_file(tmp_path)), "--cron", "0 2 * * *", "--k8s"])
+    assert result.exit_code == 0, result.output
+    docs = [doc for doc in yaml.safe_load_all(result.output) if doc is not None]
+    pod = _one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    env = _env(pod["containers"][0])
+    assert env["RAY_AUTH_TOKEN"] == RAY_TOKEN
+    assert "MLFLOW_TRACKING_USERNAME" in env and "MLFLOW_TRACKING_PASSWORD" in env

@@ -45,3 +45,11 @@ def test_cuda_only_and_zero_stage_limits_name_the_method(tmp_path: Path) -> None
     assert code == 2 and "methods.1: qlora needs a CUDA GPU" in out
     code, out = _validate(tmp_path, methods=["adalora"], resources={"zero_stage": 2})
     assert code == 2 and "methods.0: adalora works up to ZeRO stage 0" in out
+
+
+def test_rank_above_the_hidden_size_is_refused_only_where_it_must_be_low_rank(tmp_path: Path) -> None:
+    """The built-in base is 64 wide: LoRA at rank 128 is refused, VeRA (a random projection's rank) is not."""
+    code, out = _validate(tmp_path, methods=[{"name": "vera", "ranks": [128]}])
+    assert code == 0, out
+    code, out = _validate(tmp_path, methods=[{"name": "lora", "ranks": [128]}])
+    assert code == 2 and "rank 128 exceeds the base model's hidden size 64" in out

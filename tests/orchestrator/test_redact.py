@@ -33,6 +33,13 @@ SECRETS = (HF, PASSWORD, DB_PASSWORD, KEYED)
         ("DB_PASSWD", True),
         ("GOOGLE_APPLICATION_CREDENTIALS", True),
         ("option.api_key", True),
+        ("PGPASSWORD", True),  # libpq's; the README tells cluster users to set it
+        ("HFTOKEN", True),
+        ("APITOKEN", True),
+        ("SECRETKEY", True),
+        ("DB_PASS", True),
+        ("PASSPHRASE", True),
+        ("pass_at_k", False),  # a metric, not a password
         ("max_new_tokens", False),
         ("keep_checkpoints", False),
         ("pass_k", False),
@@ -228,3 +235,38 @@ def test_report_files_are_redacted(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         text = path.read_text()
         assert "sweepsecret42" not in text
         assert "Sweep report: ***" in text
+
+
+def test_env_values_of_compound_secret_names_are_masked() -> None:
+    r = Redactor({"PGPASSWORD": "pg-Secret-91", "HFTOKEN": "hf_compound_42", "DB_PASS": "db-pass-733"})
+    assert r.text("pg-Secret-91 hf_compound_42 db-pass-733") == "*** *** ***"
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("https://h/api?token=tok123456&page=2", "https://h/api?token=***&page=2"),
+        ("https://acct.blob/c/f?sv=2022&sig=AbC%2Bd3F%3D&se=1", "https://acct.blob/c/f?sv=2022&sig=***&se=1"),
+        (
+            "https://s3/b/k?X-Amz-Signature=f00ba4&X-Amz-Expires=60",
+            "https://s3/b/k?X-Amz-Signature=***&X-Amz-Expires=60",
+        ),
+        ("Authorization: Bearer eyJhbGciOi.pay.load", "Authorization: Bearer ***"),
+        ("curl -H 'Authorization: Basic dXNlcjpwYXNz' h", "curl -H 'Authorization: Basic ***' h"),
+        ("401 for Bearer eyJhbGciOiJIUzI1NiJ9", "401 for Bearer ***"),
+        ("host=db port=5432 password=hunter2 dbname=o", "host=db port=5432 password=*** dbname=o"),
+        ("host=db password='two words'", "host=db password='***'"),
+        ("PGPASSWORD=pg-Secret-91 psql -h db", "PGPASSWORD=*** psql -h db"),
+        ('{"api_key": "sk-123456", "lr": 0.1}', '{"api_key": "***", "lr": 0.1}'),
+        ("postgresql://u:p@ss@host/db", "postgresql://u:***@host/db"),
+        (
+            "postgresql://u:p@ss@host:5432/db?sslmode=require",
+            "postgresql://u:***@host:5432/db?sslmode=require",
+        ),
+        # not secrets: counts and scores under token names, ports, paths with @, ordinary query parameters
+        ("max_new_tokens=5 token_f1=0.51 token_f1: 0.5", "max_new_tokens=5 token_f1=0.51 token_f1: 0.5"),
+        ("https://host:8080/a@b?page=2", "https://host:8080/a@b?page=2"),
+    ],
+)
+def test_credentials_in_text_are_masked(text: str, masked: str) -> None:
+    assert Redactor({}).text(text) == masked

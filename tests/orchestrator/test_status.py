@@ -70,3 +70,40 @@ def test_opening_a_store_that_another_process_is_creating_retries(
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
     storage = status.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     assert len(calls) == 2 and storage.get_all_studies() == []
+
+
+def _add_trials(study: optuna.Study, values: list[float]) -> None:
+    for value in values:
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"lr": 1e-3},
+                distributions={"lr": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)},
+                value=value,
+            )
+        )
+
+
+def test_left_counts_only_the_latest_sweep_runs_trials(tmp_path: Path) -> None:
+    """Each night adds `trials_per_method` trials to the same study: earlier nights do not use its budget."""
+    import time
+
+    import mlflow
+
+    from peftsweep.orchestrator.tracking import LEVEL_TAG
+
+    spec = parse_spec(
+        {"name": "nt", "methods": ["lora"], "search": {"trials_per_method": 4}}, base_dir=tmp_path
+    )
+    spec.tracking.root.mkdir(parents=True)
+    storage = optuna.storages.RDBStorage(spec.tracking.optuna_storage_url())
+    study = optuna.create_study(study_name="nt/lora", storage=storage, direction="maximize")
+    _add_trials(study, [0.1, 0.2, 0.3, 0.4])  # last night's run: its whole budget
+    time.sleep(0.05)  # MLflow keeps milliseconds
+    client = mlflow.MlflowClient(tracking_uri=spec.tracking.mlflow_tracking_uri())
+    experiment = client.create_experiment(spec.name)
+    client.create_run(experiment, tags={LEVEL_TAG: "sweep"})  # tonight's sweep run
+    time.sleep(0.05)
+    _add_trials(study, [0.5])
+    study.ask()  # one running
+    (lora,) = sweep_status(spec)
+    assert (lora.complete, lora.running, lora.this_run, lora.remaining) == (5, 1, 2, 2)
