@@ -288,9 +288,9 @@ class ResourcesSpec(_Strict):
     executor: Literal["auto", "inline", "train"] = "auto"
     cpus_per_worker: PositiveFloat = 1.0  # fractional values let concurrent trials fit small machines
     gpus_per_worker: NonNegativeFloat = 0.0  # 0: CPU training (gloo); >0 needs CUDA on the workers
-    max_concurrent_trials: PositiveInt = 2  # trials of one method running at once
+    max_concurrent_trials: PositiveInt = 2  # trials running at once, all methods together (they share slots)
     trial_driver_cpus: float = Field(0.05, gt=0.0)  # the Tune trial that drives Ray Train; Tune rejects 0
-    zero_stage: Annotated[int, Strict()] = Field(2, ge=0, le=3)  # paper protocol, where DeepSpeed is the engine
+    zero_stage: Annotated[int, Strict()] = Field(2, ge=0, le=3)  # paper protocol (where DeepSpeed trains)
     offload_optimizer: bool = False  # DeepSpeed ZeRO optimizer-state offload to CPU (big bases on small GPUs)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 on CPU (bf16 is ~2× slower there)
     max_worker_restarts: NonNegativeInt = 1  # a crashed worker group restarts from the last checkpoint
