@@ -518,8 +518,11 @@ def _markdown(spec: SweepSpec, result: ReportResult) -> str:
     return "\n".join(lines)
 
 
+_PNG_SLOT = "@@peftsweep-png@@"  # where the plot's base64 goes once the page's text has been redacted
+
+
 def _html(spec: SweepSpec, result: ReportResult) -> str:
-    png = base64.b64encode(result.lr_curves.read_bytes()).decode("ascii")
+    png = _PNG_SLOT
     esc = html.escape
     finding = f"<p><strong>Finding:</strong> {esc(result.finding)}</p>" if result.finding else ""
     notes = "".join(f"<li>{esc(n)}</li>" for n in result.notes)
@@ -599,7 +602,9 @@ def build_report(
     # the Optuna storage URL, password included.
     client = _client(spec)
     result.markdown.write_text(client.redactor.text(_markdown(spec, result)))
-    result.html.write_text(client.redactor.text(_html(spec, result)))
+    # The plot's base64 goes in after redaction: random base64 can look like `…key=…` to the secret rules.
+    png = base64.b64encode(result.lr_curves.read_bytes()).decode("ascii")
+    result.html.write_text(client.redactor.text(_html(spec, result)).replace(_PNG_SLOT, png))
     for path in (result.markdown, result.html, result.lr_curves):
         client.log_artifact(run_id, str(path), ARTIFACT_DIR)
     return result
