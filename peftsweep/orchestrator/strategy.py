@@ -29,6 +29,7 @@ trials and the seed, so a resumed study continues where it stopped.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -164,16 +165,23 @@ class Signal:
 class LogBracketSampler(BaseSampler):
     """Spread start-up points in log LR, then bracket the best LR (or hand over to TPE).
 
+    The defaults are the ones `bench/search_sim.py` measured best on the built-in task's grid (3 start-up
+    points, 0.3 decades, largest rank only); see bench/README.md, "search_sim".
+
     Args:
-        n_startup: start-up trials (trial numbers 0..n_startup-1).
+        n_startup: start-up trials (trial numbers 0..n_startup-1); 3 spread a decade apart over the
+            quickstart's 3-decade range.
         resolution: decades of log LR within which both neighbours of the best must lie for the search to
-            be done (the built-in task's grid steps 0.27 decades; its peaks are 1-2 steps wide).
+            be done. 0.3 ≈ the grid's step (0.27): two halvings after a 1-decade start-up.
         startup: ``lattice`` (evenly spaced, seeded offset), ``qmc`` (Optuna's scrambled Sobol QMCSampler)
             or ``random``.
         then: after the start-up, ``bracket`` or ``tpe`` (Optuna's TPE, constant liar).
-        rank_policy: start-up and bracketing rank: ``largest`` (a rank-r LoRA contains every smaller one)
-            or ``cycle`` (start-up ranks alternate, largest first; bracketing keeps the best's rank).
-        check_ranks: once bracketed, try every other rank at the best LR before the search is done.
+        rank_policy: start-up and bracketing rank: ``largest`` (a rank-r LoRA update contains every
+            smaller one; rank matters far less than LR) or ``cycle`` (start-up ranks alternate, largest
+            first; bracketing keeps the best's rank).
+        check_ranks: once bracketed, try every other rank at the best LR before the search is done (off by
+            default: on the built-in task rank 8 is never worse than rank 4 at a method's peak, and the
+            check costs ~8 % more trial-steps for no gain; turn it on when a smaller adapter matters).
         signal: rank trials by this recorded early metric instead of the study's value (trials stopped
             before its step rank below every trial that reached it). None: the study's value.
         seed: the start-up offset and every random fallback.
@@ -183,12 +191,12 @@ class LogBracketSampler(BaseSampler):
     def __init__(
         self,
         *,
-        n_startup: int = 4,
+        n_startup: int = 3,
         resolution: float = 0.3,
         startup: Literal["lattice", "qmc", "random"] = "lattice",
         then: Literal["bracket", "tpe"] = "bracket",
         rank_policy: Literal["largest", "cycle"] = "largest",
-        check_ranks: bool = True,
+        check_ranks: bool = False,
         signal: Signal | None = None,
         seed: int | None = None,
         lr_param: str = LR,
@@ -205,9 +213,13 @@ class LogBracketSampler(BaseSampler):
         self._seed = seed
         self._offset = float(np.random.default_rng(seed).uniform())
         self._random = RandomSampler(seed=seed)
-        self._qmc = QMCSampler(
-            qmc_type="sobol", scramble=True, seed=seed or 0, warn_independent_sampling=False
-        )
+        self._qmc: BaseSampler | None = None
+        if startup == "qmc":
+            with warnings.catch_warnings():  # QMCSampler is "experimental" since Optuna 3.0
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._qmc = QMCSampler(
+                    qmc_type="sobol", scramble=True, seed=seed or 0, warn_independent_sampling=False
+                )
         self._tpe = TPESampler(n_startup_trials=0, constant_liar=True, seed=seed) if then == "tpe" else None
 
     def reseed_rng(self) -> None:
@@ -408,6 +420,8 @@ class LogBracketSampler(BaseSampler):
 
 # --- confirmation seeds ---
 
+UNFINISHED = ("running", "killed")  # a confirmation run in these states is (re-)run
+
 
 def confirmation_runs(
     runs: Iterable[RunRecord],
@@ -424,8 +438,9 @@ def confirmation_runs(
     The top ``top_k`` configurations of the search (`scoring.top_configs`) race over seeds base_seed + 1,
     + 2, ... + extra_seeds: every configuration still in the race gets the next seed, then only the best
     ceil(n / eta) by mean over their seeds go on. eta 1: every candidate gets every seed (the plain top-k ×
-    seeds grid). A run that ended without a result (failed) counts as done, so a failure is not retried
-    forever; a configuration that diverged leaves the race. Call again after each returned batch.
+    seeds grid). A run that ended without a result (failed) is not retried, and its configuration leaves
+    the race, as does one that diverged; a killed run (a dead driver) is asked for again. Call again after
+    each returned batch: the plan is a function of the recorded runs, so a resumed sweep picks it up.
     """
     runs = [r for r in runs if method is None or r.method == method]
     candidates = top_configs(runs, top_k, direction)
@@ -434,7 +449,7 @@ def confirmation_runs(
     sign = 1 if direction == "max" else -1
     for i in range(1, extra_seeds + 1):
         seed = base_seed + i
-        done = {config_key(r.lr, r.rank) for r in runs if r.seed == seed and r.status != "running"}
+        done = {config_key(r.lr, r.rank) for r in runs if r.seed == seed and r.status not in UNFINISHED}
         missing = [k for k in alive if k not in done]
         if missing:
             return [(lrs[k], k[1], seed) for k in missing]
@@ -442,7 +457,8 @@ def confirmation_runs(
             break
         seeds = {base_seed + j for j in range(i + 1)}
         scores = {config_key(c.lr, c.rank): c for c in config_scores(r for r in runs if r.seed in seeds)}
-        ranked = sorted((k for k in alive if k in scores), key=lambda k: -sign * scores[k].mean)
+        whole = [k for k in alive if k in scores and scores[k].n == i + 1]  # a result on every seed so far
+        ranked = sorted(whole, key=lambda k: -sign * scores[k].mean)
         alive = ranked[: math.ceil(len(alive) / eta)]
     return []
 
