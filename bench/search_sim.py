@@ -90,7 +90,9 @@ def load_grid(path: Path) -> Grid:
     truth: dict[str, dict[tuple[int, float], float]] = {}
     for m in METHODS:
         truth[m] = {
-            (k, lr): statistics.fmean(curves[(m, k, lr, s)][-1][EM] for s in range(3)) for k in RANKS for lr in lrs
+            (k, lr): statistics.fmean(curves[(m, k, lr, s)][-1][EM] for s in range(3))
+            for k in RANKS
+            for lr in lrs
         }
     return Grid(curves, lrs, truth, {m: max(t.values()) for m, t in truth.items()})
 
@@ -137,63 +139,81 @@ class Strategy:
 
 TODAY = Strategy(
     "today",
-    "quickstart: 3 random + 5 TPE, ASHA rung at 75 on exact match, stopped = COMPLETE, +1 seed on top-1",
+    "quickstart: 3 random + 5 TPE, ASHA rung at 75 on exact match, stopped = COMPLETE, +1 seed on top-1, "
+    "tracker/report rules",
     "tpe",
     scoring="legacy",
 )
-EL = {"eval_every": 25, "rung_metric": RUNG_LOSS, "grace": 25, "pruned": True, "scoring": "new"}  # eval_loss rungs 25/50/100
-BR = {"sampler": "bracket", "n_startup": 4, "resolution": 0.3, **EL}
-
-
+# eval_loss rungs from step 25 (reported every 25 steps), stopped trials PRUNED, scoring.py
+EL = {"eval_every": 25, "rung_metric": RUNG_LOSS, "grace": 25, "pruned": True, "scoring": "new"}
+C2X2 = {"top_k": 2, "extra_seeds": 2, "eta": 1.0}  # the default's confirmation: top-2 × 2 more seeds
+DEFAULT = Strategy(
+    "default",
+    "3 spread start-up points, bracket the best LR to 0.3 decades (cap 8), largest rank; eval_loss rungs at "
+    "25/50/75/100 keeping the top 2/3 (ASHA rf 1.5), PRUNED; top-2 configs × 2 more seeds",
+    "bracket",
+    n_startup=3,
+    reduction_factor=1.5,
+    check_ranks=False,
+    **EL,
+    **C2X2,
+)
 BASES = [
     TODAY,
-    TODAY.with_("today+scoring", "today's search and seeds, scored by scoring.py (Welch verdict)", scoring="new"),
-    TODAY.with_("random", "8 random trials, no early stopping, +1 seed on top-1", sampler="random",
-                rung_metric=None, scoring="new"),
-    TODAY.with_("tpe", "3 random + 5 TPE, no early stopping, +1 seed on top-1", rung_metric=None, scoring="new"),
-    TODAY.with_("tpe+el", "3 random + 5 TPE, eval_loss rungs 25/50/100, stopped = PRUNED", **EL),
-    TODAY.with_("qmc+tpe", "3 Sobol (QMC) + 5 TPE, eval_loss rungs, PRUNED", sampler="qmc_tpe", **EL),
-    TODAY.with_("lattice+tpe", "4 spread + 4 TPE, eval_loss rungs, PRUNED", sampler="lattice_tpe",
-                n_startup=4, **EL),
-    TODAY.with_("bracket", "4 spread, then bracket the best final exact match to 0.3 decades (cap 8), "
-                "eval_loss rungs, PRUNED", **BR),
-    TODAY.with_("bracket+el50", "4 spread, then bracket the best eval_loss at step 50 to 0.3 decades (cap 8), "
-                "eval_loss rungs, PRUNED", **BR, signal=(RUNG_LOSS, 50, "min")),
-]  # fmt: skip
-# Variants: a base name followed by tags, e.g. "bracket+el50 s3 rf3 c2x2h" (--strategies takes any combination).
+    TODAY.with_("today+scoring", "today's search and seeds, scored by scoring.py", scoring="new"),
+    TODAY.with_(
+        "random",
+        "8 random trials, no early stopping, +1 seed on top-1",
+        sampler="random",
+        rung_metric=None,
+        scoring="new",
+    ),
+    TODAY.with_(
+        "tpe", "3 random + 5 TPE, no early stopping, +1 seed on top-1", rung_metric=None, scoring="new"
+    ),
+    TODAY.with_("tpe+el", "3 random + 5 TPE, eval_loss rungs 25/50/100 (rf 2), PRUNED, +1 seed", **EL),
+    TODAY.with_(
+        "qmc+tpe", "3 Sobol (QMC) + 5 TPE, eval_loss rungs (rf 2), PRUNED, +1 seed", sampler="qmc_tpe", **EL
+    ),
+    TODAY.with_(
+        "lattice+tpe",
+        "3 spread + 5 TPE, eval_loss rungs (rf 2), PRUNED, +1 seed",
+        sampler="lattice_tpe",
+        **EL,
+    ),
+    DEFAULT,
+]
+# Variants: a base name followed by tags, e.g. "default rf2 c2x2h" (--strategies takes any combination).
 TAGS: dict[str, tuple[dict[str, Any], str]] = {
-    "em75": ({"eval_every": 75, "rung_metric": METRIC, "grace": 75}, "rung on exact match at 75"),
-    "g50": ({"grace": 50}, "rungs at 50/100"),
-    "rf3": ({"reduction_factor": 3.0}, "rungs at 25/75, top third goes on"),
-    "rf4": ({"reduction_factor": 4.0}, "rungs at 25/100, top quarter goes on"),
-    "rf1.5": ({"reduction_factor": 1.5}, "rungs at every report from 25, top two thirds go on"),
-    "g50rf1.5": ({"grace": 50, "reduction_factor": 1.5}, "rungs at every report from 50, top two thirds go on"),
-    "g50rf3": ({"grace": 50, "reduction_factor": 3.0}, "one rung at 50, top third goes on"),
+    "em75": (
+        {"eval_every": 75, "rung_metric": METRIC, "grace": 75, "reduction_factor": 2.0},
+        "one rung at 75 on exact match (today's)",
+    ),
+    "em25": ({"rung_metric": METRIC}, "rungs on exact match"),
     "norung": ({"rung_metric": None}, "no early stopping"),
+    "rf2": ({"reduction_factor": 2.0}, "rungs 25/50/100, top half goes on"),
+    "rf1.5": ({"reduction_factor": 1.5}, "rungs 25/50/75/100, top 2/3 go on"),
+    "rf3": ({"reduction_factor": 3.0}, "rungs 25/75, top third goes on"),
+    "g50": ({"grace": 50}, "first rung at 50"),
     "complete": ({"pruned": False}, "stopped trials told COMPLETE"),
+    "el50": ({"signal": (RUNG_LOSS, 50, "min")}, "bracket eval_loss at step 50"),
+    "check": ({"check_ranks": True}, "then try the other rank at the best LR"),
     "cycle": ({"rank_policy": "cycle"}, "start-up ranks alternate"),
-    "nocheck": ({"check_ranks": False}, "no rank check"),
     "res0.2": ({"resolution": 0.2}, "resolution 0.2 decades"),
-    "res0.25": ({"resolution": 0.25}, "resolution 0.25 decades"),
-    "res0.35": ({"resolution": 0.35}, "resolution 0.35 decades"),
     "res0.4": ({"resolution": 0.4}, "resolution 0.4 decades"),
-    "res0.5": ({"resolution": 0.5}, "resolution 0.5 decades"),
-    "s3": ({"n_startup": 3}, "3 start-up points"),
-    "sig25": ({"signal": (RUNG_LOSS, 25, "min")}, "bracket eval_loss at step 25"),
-    "sig75": ({"signal": (RUNG_LOSS, 75, "min")}, "bracket eval_loss at step 75"),
-    "sig100": ({"signal": (RUNG_LOSS, 100, "min")}, "bracket eval_loss at step 100"),
+    "s4": ({"n_startup": 4}, "4 start-up points"),
     "s5": ({"n_startup": 5}, "5 start-up points"),
     "cap6": ({"trials": 6}, "cap 6 trials"),
     "cap7": ({"trials": 7}, "cap 7 trials"),
-    "cap10": ({"trials": 10}, "cap 10 trials"),
     "cap12": ({"trials": 12}, "cap 12 trials"),
     "c0": ({"top_k": 1, "extra_seeds": 0}, "no confirmation"),
-    "c1x2": ({"top_k": 1, "extra_seeds": 2}, "confirm top-1 × 2 seeds"),
-    "c2x1": ({"top_k": 2, "extra_seeds": 1}, "confirm top-2 × 1 seed"),
+    "c1x1": ({"top_k": 1, "extra_seeds": 1, "eta": 1.0}, "confirm top-1 × 1 seed"),
+    "c1x2": ({"top_k": 1, "extra_seeds": 2, "eta": 1.0}, "confirm top-1 × 2 seeds"),
+    "c2x1": ({"top_k": 2, "extra_seeds": 1, "eta": 1.0}, "confirm top-2 × 1 seed"),
     "c2x2h": ({"top_k": 2, "extra_seeds": 2, "eta": 2.0}, "confirm top-2 × 1 seed, the better × 1 more"),
-    "c2x2": ({"top_k": 2, "extra_seeds": 2}, "confirm top-2 × 2 seeds"),
+    "c2x2": (C2X2, "confirm top-2 × 2 seeds"),
     "c3x2h": ({"top_k": 3, "extra_seeds": 2, "eta": 3.0}, "confirm top-3 × 1 seed, the best × 1 more"),
-    "c3x2": ({"top_k": 3, "extra_seeds": 2}, "confirm top-3 × 2 seeds"),
+    "c3x2": ({"top_k": 3, "extra_seeds": 2, "eta": 1.0}, "confirm top-3 × 2 seeds"),
 }
 
 
@@ -209,16 +229,43 @@ def resolve(name: str) -> Strategy:
     return s.with_(name, s.help)
 
 
-DEFAULT_SET = [b.name for b in BASES] + [
-    "tpe c2x2h", "random c2x2h", "tpe+el c2x2h", "qmc+tpe c2x2h", "lattice+tpe c2x2h",
-    "bracket em75", "bracket norung", "bracket c2x2h", "bracket+el50 complete",
-    *(f"bracket+el50 {t}" for t in ("g50", "rf3", "rf4", "norung", "cycle", "nocheck", "res0.2", "res0.4", "s3",
-                                    "s5", "cap10")),
-    *(f"bracket+el50 {c}" for c in ("c0", "c1x2", "c2x1", "c2x2h", "c2x2", "c3x2h", "c3x2")),
-    *(f"bracket+el50 s3 {c}" for c in ("c1x2", "c2x2h", "c3x2h")),
-    *(f"bracket+el50 s3 rf3 {c}" for c in ("c1x2", "c2x2h")),
-    *(f"bracket+el50 s3 cap12 {c}" for c in ("c2x2h", "c2x2")),
-]  # fmt: skip
+DEFAULT_SET = [
+    "today",
+    "today+scoring",
+    "random",
+    "tpe",
+    "random c2x2",
+    "tpe c2x2",
+    "tpe+el",
+    "tpe+el c2x2",
+    "tpe+el complete c2x2",
+    "qmc+tpe c2x2",
+    "lattice+tpe c2x2",
+    "default",
+    *(
+        f"default {t}"
+        for t in (
+            "norung",
+            "em75",
+            "em25",
+            "rf2",
+            "rf3",
+            "g50",
+            "complete",
+            "el50",
+            "check",
+            "cycle",
+            "s4",
+            "res0.2",
+            "res0.4",
+            "cap7",
+            "cap12",
+        )
+    ),
+    *(f"default {c}" for c in ("c0", "c1x1", "c1x2", "c2x1", "c2x2h", "c3x2h", "c3x2")),
+    "default g50 check",
+    "default cap12 res0.2",
+]
 
 
 def make_sampler(s: Strategy, seed: int) -> Any:
@@ -230,8 +277,11 @@ def make_sampler(s: Strategy, seed: int) -> Any:
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup, constant_liar=True)
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    startup, then = {"bracket": ("lattice", "bracket"), "lattice_tpe": ("lattice", "tpe"),
-                     "qmc_tpe": ("qmc", "tpe")}[s.sampler]  # fmt: skip
+    startup, then = {
+        "bracket": ("lattice", "bracket"),
+        "lattice_tpe": ("lattice", "tpe"),
+        "qmc_tpe": ("qmc", "tpe"),
+    }[s.sampler]
     return LogBracketSampler(
         n_startup=s.n_startup,
         resolution=s.resolution,
@@ -273,8 +323,13 @@ def search(grid: Grid, s: Strategy, method: str, grid_seed: int, sampler_seed: i
         "lr": optuna.distributions.FloatDistribution(*LR_RANGE, log=True),
         "rank": optuna.distributions.CategoricalDistribution(list(RANKS)),
     }
-    common = dict(metric=METRIC, mode="max", sampler=make_sampler(s, sampler_seed), study_name=method,
-                  storage=optuna.storages.InMemoryStorage())  # fmt: skip
+    common = dict(
+        metric=METRIC,
+        mode="max",
+        sampler=make_sampler(s, sampler_seed),
+        study_name=method,
+        storage=optuna.storages.InMemoryStorage(),
+    )
     if s.sampler == "bracket" or s.pruned:
         record = (s.signal[0],) if s.signal else ()
         inner: Any = StrategyOptunaSearch(space, max_t=MAX_STEPS, record=record, **common)
@@ -284,9 +339,14 @@ def search(grid: Grid, s: Strategy, method: str, grid_seed: int, sampler_seed: i
         inner = OptunaSearch(space, **common)
     searcher = BudgetedSearch(inner, n_startup_trials=min(s.n_startup, s.trials))
     scheduler = (
-        AsyncHyperBandScheduler(time_attr="step", metric=s.rung_metric, mode="min" if s.rung_metric == RUNG_LOSS
-                                else "max", max_t=MAX_STEPS, grace_period=s.grace,
-                                reduction_factor=s.reduction_factor)  # fmt: skip
+        AsyncHyperBandScheduler(
+            time_attr="step",
+            metric=s.rung_metric,
+            mode="min" if s.rung_metric == RUNG_LOSS else "max",
+            max_t=MAX_STEPS,
+            grace_period=s.grace,
+            reduction_factor=s.reduction_factor,
+        )
         if s.rung_metric
         else None
     )
@@ -315,11 +375,20 @@ def search(grid: Grid, s: Strategy, method: str, grid_seed: int, sampler_seed: i
         point = trial.reports[trial.next]
         trial.next += 1
         clock = trial.start + int(point[STEP])
-        result = {"step": int(point[STEP]), METRIC: point[EM], RUNG_LOSS: point[LOSS],
-                  "diverged": point[DIVERGED], "training_iteration": trial.next, "time_total_s": float(point[STEP])}  # fmt: skip
+        result = {
+            "step": int(point[STEP]),
+            METRIC: point[EM],
+            RUNG_LOSS: point[LOSS],
+            "diverged": point[DIVERGED],
+            "training_iteration": trial.next,
+            "time_total_s": float(point[STEP]),
+        }
         trial.last = result
         decision = scheduler.on_trial_result(None, trial, result) if scheduler else TrialScheduler.CONTINUE
-        searcher.on_trial_result(trial.trial_id, result)
+        if (
+            decision != TrialScheduler.STOP
+        ):  # as Tune's controller: a stopping result goes to on_trial_complete
+            searcher.on_trial_result(trial.trial_id, result)
         end = trial.next == len(trial.reports) or bool(point[DIVERGED])
         if decision == TrialScheduler.STOP or end:
             if scheduler:
@@ -328,8 +397,15 @@ def search(grid: Grid, s: Strategy, method: str, grid_seed: int, sampler_seed: i
             running.remove(trial)
             full = result["step"] >= MAX_STEPS
             status = "diverged" if point[DIVERGED] else ("completed" if full else "stopped_early")
-            done.append({"lr": float(trial.config["lr"]), "rank": int(trial.config["rank"]),
-                         "steps": result["step"], "value": point[EM], "status": status})  # fmt: skip
+            done.append(
+                {
+                    "lr": float(trial.config["lr"]),
+                    "rank": int(trial.config["rank"]),
+                    "steps": result["step"],
+                    "value": point[EM],
+                    "status": status,
+                }
+            )
     return done, clock
 
 
@@ -337,7 +413,9 @@ def search(grid: Grid, s: Strategy, method: str, grid_seed: int, sampler_seed: i
 
 
 def legacy_top_configs(runs: list[RunRecord], k: int) -> list[tuple[float, int]]:
-    search = sorted((r for r in runs if r.role == "search" and r.status != "diverged"), key=lambda r: -r.value)
+    search = sorted(
+        (r for r in runs if r.role == "search" and r.status != "diverged"), key=lambda r: -r.value
+    )
     return list(dict.fromkeys((r.lr, r.rank) for r in search))[:k]
 
 
@@ -358,7 +436,9 @@ def legacy_verdicts(seeds: dict[str, tuple[float, ...]]) -> dict[str, str]:
 
     stats = {m: mean_std(v) for m, v in seeds.items() if v}
     winner = max(stats, key=lambda m: stats[m][0])
-    return {m: "best" if m == winner else ("tie" if is_tie(*stats[m], *stats[winner]) else "worse") for m in stats}
+    return {
+        m: "best" if m == winner else ("tie" if is_tie(*stats[m], *stats[winner]) else "worse") for m in stats
+    }
 
 
 def legacy_seeds(runs: list[RunRecord]) -> tuple[float, ...]:
@@ -381,11 +461,21 @@ def replay(grid: Grid, s: Strategy, rep: int) -> dict[str, Any]:
     for method in METHODS:
         trials, makespan = search(grid, s, method, perm[0], sampler_seed=rep)
         status = {"stopped_early": "pruned" if s.pruned else "stopped_early"}
-        runs = [RunRecord(method, grid.nearest(t["lr"]), t["rank"], 0, t["value"], status.get(t["status"], t["status"]))
-                for t in trials]  # fmt: skip
+        runs = [
+            RunRecord(
+                method, grid.nearest(t["lr"]), t["rank"], 0, t["value"], status.get(t["status"], t["status"])
+            )
+            for t in trials
+        ]
         steps, confirm_steps = sum(t["steps"] for t in trials), 0
         legacy = (
-            [[(lr, rank, i) for lr, rank in legacy_top_configs(runs, s.top_k) for i in range(1, s.extra_seeds + 1)]]
+            [
+                [
+                    (lr, rank, i)
+                    for lr, rank in legacy_top_configs(runs, s.top_k)
+                    for i in range(1, s.extra_seeds + 1)
+                ]
+            ]
             if s.scoring == "legacy"
             else None
         )
@@ -393,8 +483,9 @@ def replay(grid: Grid, s: Strategy, rep: int) -> dict[str, Any]:
             if legacy is not None:  # today: one batch, top-k × seeds
                 batch = legacy.pop() if legacy else []
             else:
-                batch = confirmation_runs(runs, top_k=s.top_k, extra_seeds=s.extra_seeds, base_seed=0,
-                                          direction="max", eta=s.eta)  # fmt: skip
+                batch = confirmation_runs(
+                    runs, top_k=s.top_k, extra_seeds=s.extra_seeds, base_seed=0, direction="max", eta=s.eta
+                )
             if not batch:
                 break
             for lr, rank, seed in batch:
@@ -443,7 +534,9 @@ def aggregate(grid: Grid, s: Strategy, reps: list[dict[str, Any]]) -> dict[str, 
             "p_within": sum(x <= WITHIN + 1e-9 for x in regrets) / len(rows),
             "p_verdict": sum(x["verdict"] == truth_verdict[m] for x in rows) / len(rows),
             "grid_verdict": truth_verdict[m],
-            "verdicts": {v: sum(x["verdict"] == v for x in rows) for v in ("best", "tie", "worse", "no result")},
+            "verdicts": {
+                v: sum(x["verdict"] == v for x in rows) for v in ("best", "tie", "worse", "no result")
+            },
             "regret_median": statistics.median(regrets),
             "regret_mean": statistics.fmean(regrets),
             "steps_mean": statistics.fmean(steps),
@@ -490,31 +583,65 @@ def main() -> None:
             results[name] = aggregate(grid, strategy, reps)
             results[name]["seconds"] = round(time.perf_counter() - t0, 1)
             m = results[name]["methods"]
-            console.print(f"{name:>24}: " + "  ".join(
-                f"{k} {m[k]['p_within']:.0%}/{m[k]['p_verdict']:.0%} {m[k]['fraction_of_grid']:.3f}" for k in METHODS)
-                + f"  ({results[name]['seconds']:.0f} s)")  # fmt: skip
-        args.out.write_text(json.dumps({
-            "grid": args.grid.name, "within": WITHIN, "grid_compute_per_method": GRID_COMPUTE,
-            "optimum": grid.optimum, "grid_verdict": {r: grid_verdicts(grid, r) for r in ("new", "legacy")},
-            "results": results}, indent=1))  # fmt: skip
+            console.print(
+                f"{name:>24}: "
+                + "  ".join(
+                    f"{k} {m[k]['p_within']:.0%}/{m[k]['p_verdict']:.0%} {m[k]['fraction_of_grid']:.3f}"
+                    for k in METHODS
+                )
+                + f"  ({results[name]['seconds']:.0f} s)"
+            )
+        args.out.write_text(
+            json.dumps(
+                {
+                    "grid": args.grid.name,
+                    "within": WITHIN,
+                    "grid_compute_per_method": GRID_COMPUTE,
+                    "optimum": grid.optimum,
+                    "grid_verdict": {r: grid_verdicts(grid, r) for r in ("new", "legacy")},
+                    "results": results,
+                },
+                indent=1,
+            )
+        )
     report(results, console, args.markdown, only=args.strategies)
 
 
+COLUMNS = (
+    "strategy",
+    "method",
+    "P(within 0.10)",
+    "P(verdict)",
+    "regret med / mean",
+    "trial-steps: mean (search + confirm)",
+    "of grid",
+    "P(≤ 1/10 grid)",
+    "trials (full)",
+)
+
+
 def report(results: dict[str, Any], console: Console, markdown: bool, only: list[str] | None = None) -> None:
-    table = Table(title="search_sim: P(within 0.10) / P(verdict = grid's) / regret med·mean / fraction of grid")
-    for col in ("strategy", "method", "within 0.10", "verdict", "regret med / mean", "trial-steps (search+conf)",
-                "of grid", "trials (full)"):  # fmt: skip
+    table = Table(
+        title=f"search_sim: chosen config within {WITHIN} of the grid optimum, verdict = grid's, compute"
+    )
+    for col in COLUMNS:
         table.add_column(col)
-    lines = ["| strategy | method | P(within 0.10) | P(verdict) | regret med / mean | trial-steps (search + confirm) "
-             "| of grid | trials (full) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for name, res in results.items():
         if only and name not in only:
             continue
         for m, a in res["methods"].items():
-            cells = [name, m, f"{a['p_within']:.0%}", f"{a['p_verdict']:.0%}",
-                     f"{a['regret_median']:.3f} / {a['regret_mean']:.3f}",
-                     f"{a['steps_mean']:.0f} ({a['search_steps_mean']:.0f} + {a['confirm_steps_mean']:.0f})",
-                     f"{a['fraction_of_grid']:.3f}", f"{a['trials_mean']:.1f} ({a['full_trials_mean']:.1f})"]  # fmt: skip
+            cells = [
+                name,
+                m,
+                f"{a['p_within']:.0%}",
+                f"{a['p_verdict']:.0%}",
+                f"{a['regret_median']:.3f} / {a['regret_mean']:.3f}",
+                f"{a['steps_mean']:.0f} ({a['search_steps_mean']:.0f} + {a['confirm_steps_mean']:.0f})",
+                f"{a['fraction_of_grid']:.3f}",
+                f"{a['p_within_budget']:.0%}",
+                f"{a['trials_mean']:.1f} ({a['full_trials_mean']:.1f})",
+            ]
             table.add_row(*cells)
             lines.append("| " + " | ".join(cells) + " |")
     console.print(table)
@@ -524,4 +651,3 @@ def report(results: dict[str, Any], console: Console, markdown: bool, only: list
 
 if __name__ == "__main__":
     main()
-

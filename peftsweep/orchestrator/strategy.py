@@ -483,7 +483,8 @@ class StrategyOptunaSearch(OptunaSearch):
       metric of the last report whenever there is one (``on_trial_complete``). A trial that ended itself
       early with a verdict (``diverged``, ``oom``: the worst score) stays COMPLETE;
     - metrics named in ``record`` are kept per report as user attributes ``name@step`` (what a
-      `LogBracketSampler` ``signal`` reads);
+      `LogBracketSampler` ``signal`` reads), including the report at which the scheduler stopped the trial
+      (Tune hands that one to ``on_trial_complete`` only);
     - when the sampler says the method's search is done (``search_done``), ``suggest`` waits for running
       trials and then returns ``FINISHED``, so the trial budget is a cap.
     """
@@ -514,9 +515,18 @@ class StrategyOptunaSearch(OptunaSearch):
         return super().suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        super().on_trial_result(trial_id, result)
+        if self.metric in result:  # a report without the search metric is still a signal for `record`
+            super().on_trial_result(trial_id, result)
+        self._record(trial_id, result)
+
+    def _record(self, trial_id: str, result: dict | None) -> None:
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or self.time_attr not in result:
+        if (
+            ot_trial is None
+            or not result
+            or self.time_attr not in result
+            or trial_id in self._completed_trials
+        ):
             return
         for name in self.record:
             value = result.get(name)
@@ -524,6 +534,9 @@ class StrategyOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr(signal_attr(name, int(result[self.time_attr])), float(value))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # Tune does not pass the result that made the scheduler stop a trial to on_trial_result, only here
+        # (as the trial's last result): record its signal before the trial is told.
+        self._record(trial_id, result)
         if (
             not error
             and result

@@ -280,3 +280,17 @@ def test_the_search_waits_then_finishes_once_bracketed() -> None:
     assert finished and not running and n <= 9
     study = search.searcher._ot_study
     assert abs(math.log10(study.best_trial.params["lr"]) - PEAK) <= 0.3
+
+
+def test_the_stopping_report_reaches_only_on_trial_complete_as_in_tune() -> None:
+    """Tune's controller does not pass the result that made the scheduler stop a trial to on_trial_result;
+    it hands it to on_trial_complete as the trial's last result. Its signal must still be recorded."""
+    search = adapter()
+    search.suggest("a")
+    report(search, "a", 25, 1, eval_loss=2.5)
+    stopping = {"step": 50, "training_iteration": 2, "exact_match": 0.01, "eval_loss": 1.7}
+    search.on_trial_complete("a", stopping)
+    (trial,) = search._ot_study.trials
+    assert trial.state == TrialState.PRUNED
+    assert trial.user_attrs == {signal_attr("eval_loss", 25): 2.5, signal_attr("eval_loss", 50): 1.7}
+    assert trial.value == 0.0  # Optuna keeps the last intermediate value Tune reported (step 25's)
