@@ -33,7 +33,7 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Direction = Literal["max", "min"]
 VerdictKind = Literal["best", "tie", "worse", "no result"]
@@ -57,6 +57,26 @@ class RunRecord:
     role: str = "search"  # search (Optuna's) | confirm (a top configuration re-run with another seed)
     has_adapter: bool = False
     run_id: str = ""
+
+
+def run_record(trial: Any, metric: str) -> RunRecord:
+    """A `RunRecord` from what the tracker or the report holds: a tracking ``TrialRecord`` (``status``,
+    ``metrics``, ``has_adapter``) or a report ``Trial`` (``outcome``, ``value``), read by attribute."""
+    metrics = getattr(trial, "metrics", None)
+    value = metrics.get(metric) if isinstance(metrics, dict) else getattr(trial, "value", None)
+    status = getattr(trial, "status", None) or getattr(trial, "outcome", None) or "running"
+    seed = getattr(trial, "seed", None)
+    return RunRecord(
+        method=trial.method,
+        lr=float(trial.lr),
+        rank=int(trial.rank or 0),
+        seed=int(seed) if seed is not None else 0,
+        value=float(value) if value is not None else None,
+        status=str(status),
+        role=str(getattr(trial, "role", "search")),
+        has_adapter=bool(getattr(trial, "has_adapter", False)),
+        run_id=str(getattr(trial, "run_id", "")),
+    )
 
 
 @dataclass(frozen=True)

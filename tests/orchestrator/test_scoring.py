@@ -156,3 +156,24 @@ def test_seeds_to_settle_has_the_stated_power() -> None:
     assert 0.75 <= hits / 2000 <= 0.88
     assert seeds_to_settle(0.0, sd, sd) is None and seeds_to_settle(gap, 0.0, 0.0) is None
     assert seeds_to_settle(0.4, sd, sd) < n  # a bigger gap needs fewer seeds
+
+
+def test_run_record_reads_tracker_and_report_trials() -> None:
+    from peftsweep.orchestrator.report import Trial
+    from peftsweep.orchestrator.scoring import run_record
+    from peftsweep.orchestrator.tracking import TrialRecord
+
+    tracked = TrialRecord(
+        "lora", "t1", "r1", 8e-3, 8, status="stopped_early", seed=0, metrics={"exact_match": 0.2}
+    )
+    rec = run_record(tracked, "exact_match")
+    assert (rec.status, rec.value, rec.role, rec.run_id, rec.has_adapter) == (
+        "stopped_early",
+        0.2,
+        "search",
+        "r1",
+        False,
+    )
+    reported = Trial("r2", "lora", "confirm", "completed", 8e-3, 8, 2, 0.6, 10.0)
+    rec = run_record(reported, "exact_match")
+    assert (rec.status, rec.value, rec.role, rec.seed) == ("completed", 0.6, "confirm", 2)
