@@ -132,6 +132,7 @@ class Strategy:
     rank_policy: str = "largest"
     check_ranks: bool = True
     signal: tuple[str, int, str] | None = None  # (metric, step, direction): the bracket's early signal
+    search_steps: int | None = None  # BudgetedSearch(trial_steps=...): no new search trial after this many
 
     def with_(self, name: str, help: str, **changes: Any) -> Strategy:
         return Strategy(**(asdict(self) | {"name": name, "help": help} | changes))
@@ -206,6 +207,10 @@ TAGS: dict[str, tuple[dict[str, Any], str]] = {
     "cap6": ({"trials": 6}, "cap 6 trials"),
     "cap7": ({"trials": 7}, "cap 7 trials"),
     "cap12": ({"trials": 12}, "cap 12 trials"),
+    "b400": ({"search_steps": 400}, "no new search trial after 400 trial-steps"),
+    "b450": ({"search_steps": 450}, "no new search trial after 450 trial-steps"),
+    "b500": ({"search_steps": 500}, "no new search trial after 500 trial-steps"),
+    "b550": ({"search_steps": 550}, "no new search trial after 550 trial-steps"),
     "c0": ({"top_k": 1, "extra_seeds": 0}, "no confirmation"),
     "c1x1": ({"top_k": 1, "extra_seeds": 1, "eta": 1.0}, "confirm top-1 × 1 seed"),
     "c1x2": ({"top_k": 1, "extra_seeds": 2, "eta": 1.0}, "confirm top-1 × 2 seeds"),
@@ -337,7 +342,7 @@ def search(grid: Grid, s: Strategy, method: str, grid_seed: int, sampler_seed: i
             inner.max_t = -1
     else:
         inner = OptunaSearch(space, **common)
-    searcher = BudgetedSearch(inner, n_startup_trials=min(s.n_startup, s.trials))
+    searcher = BudgetedSearch(inner, n_startup_trials=min(s.n_startup, s.trials), trial_steps=s.search_steps)
     scheduler = (
         AsyncHyperBandScheduler(
             time_attr="step",
