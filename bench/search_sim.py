@@ -570,6 +570,9 @@ def main() -> None:
     parser.add_argument("--grid", type=Path, default=RESULTS / "grid.jsonl")
     parser.add_argument("--out", type=Path, default=RESULTS / "search_sim.json")
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    parser.add_argument(
+        "--compact", action="store_true", help="print the README's one-row-per-strategy table"
+    )
     parser.add_argument("--summary-only", action="store_true", help="print the table from --out, run nothing")
     args = parser.parse_args()
     console = Console(width=220)
@@ -609,7 +612,10 @@ def main() -> None:
                 indent=1,
             )
         )
-    report(results, console, args.markdown, only=args.strategies)
+    if args.compact:
+        print(compact(results, [n for n in (args.strategies or DEFAULT_SET) if n in results]))
+    else:
+        report(results, console, args.markdown, only=args.strategies)
 
 
 COLUMNS = (
@@ -652,6 +658,23 @@ def report(results: dict[str, Any], console: Console, markdown: bool, only: list
     console.print(table)
     if markdown:
         print("\n".join(lines))
+
+
+def compact(results: dict[str, Any], names: list[str]) -> str:
+    """The README's table: one row per strategy, per method P(within) · P(verdict) · mean regret · compute."""
+    head = "| strategy | " + " | ".join(METHODS) + " | trial-steps (mean over methods) | ≤ 1/10 in |"
+    lines = [head, "|" + "---|" * (len(METHODS) + 3)]
+    for name in names:
+        per = results[name]["methods"]
+        cells = [
+            f"{a['p_within']:.0%} · {a['p_verdict']:.0%} · {a['regret_mean']:.3f} · "
+            f"{a['fraction_of_grid']:.3f}"
+            for a in (per[m] for m in METHODS)
+        ]
+        steps = statistics.fmean(per[m]["steps_mean"] for m in METHODS)
+        budget = statistics.fmean(per[m]["p_within_budget"] for m in METHODS)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {steps:,.0f} | {budget:.0%} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
