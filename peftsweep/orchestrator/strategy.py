@@ -12,9 +12,9 @@ large as the gap between neighbouring LRs. So:
   its nearest tried neighbour, until the best has worse tried neighbours on both sides within
   ``resolution`` decades (`find_bracket`, `next_lr`). The method's search then stops (`search_done`), so the
   trial budget is a cap, not a quota.
-- **What "best" means while searching** can be the study's own value (the task metric at the end of the
-  trial) or an early signal recorded at a rung, e.g. ``eval_loss`` at step 50 (``signal``): a stopped trial
-  still has one, and it is far less noisy than exact match (bench/README.md, "search_sim").
+- **What "best" means while searching** is the study's own value (the task metric at the end of the trial);
+  optionally an early signal recorded at a rung, e.g. ``eval_loss`` at step 50 (``signal``), which a
+  stopped trial also has (measured no better on the built-in task: bench/README.md, "search_sim").
 - **Confirmation seeds go to the top configurations**, raced like successive halving over seeds
   (`confirmation_runs`): every candidate gets the next seed, only the better 1/eta go on to the one after.
 - **A trial the scheduler stopped early is PRUNED in Optuna, not COMPLETE** (`StrategyOptunaSearch`): its
@@ -284,25 +284,24 @@ class LogBracketSampler(BaseSampler):
                 out[name] = self._random.sample_independent(study, trial, name, dist)
         return out
 
+    def _known(self, study: Study, name: str) -> BaseDistribution | None:
+        """Parameter ``name``'s distribution as the study's trials know it (None before the first ask)."""
+        return next(
+            (t.distributions[name] for t in study.get_trials(deepcopy=False) if name in t.distributions), None
+        )
+
     def _lr_range(self, study: Study, lr_dist: BaseDistribution | None) -> tuple[float, float]:
-        if lr_dist is None:  # the rank alone is asked (sample_independent): take the range from the study
-            lr_dist = next(
-                (t.distributions[self.lr_param] for t in study.get_trials(deepcopy=False)
-                 if self.lr_param in t.distributions), None,
-            )  # fmt: skip
+        lr_dist = lr_dist or self._known(study, self.lr_param)  # None: the rank alone is being sampled
         if not isinstance(lr_dist, FloatDistribution) or not lr_dist.log:
             raise ValueError(f"LogBracketSampler needs a log-scale float '{self.lr_param}'")
         return lr_dist.low, lr_dist.high
 
     def _ranks(self, study: Study, rank_dist: BaseDistribution | None) -> list[Any]:
-        if rank_dist is None:
-            rank_dist = next(
-                (t.distributions[self.rank_param] for t in study.get_trials(deepcopy=False)
-                 if self.rank_param in t.distributions), None,
-            )  # fmt: skip
+        """The rank choices, largest first ([None] when the space has no rank)."""
+        rank_dist = rank_dist or self._known(study, self.rank_param)
         if not isinstance(rank_dist, CategoricalDistribution):
             return [None]
-        return sorted(rank_dist.choices, key=lambda c: (c is None, c), reverse=True)  # largest first
+        return sorted(rank_dist.choices, key=lambda c: (c is None, c), reverse=True)
 
     def points(self, study: Study, exclude: int | None = None) -> list[Point]:
         """The study's tried configurations as bracketing points (running ones hold their LR)."""
@@ -396,9 +395,9 @@ class LogBracketSampler(BaseSampler):
         rng = np.random.default_rng(None if self._seed is None else [self._seed, trial.number])
         b = find_bracket(self.points(study, exclude=trial.number), lo, hi, self.resolution)
         xs = [p.x for p in (b.lower, b.best, b.upper) if p is not None] or [math.log10(lo), math.log10(hi)]
-        return float(10 ** rng.uniform(min(xs), max(xs))), rank if rank is not None else self._ranks(
-            study, rank_dist
-        )[0]
+        if rank is None:
+            rank = self._ranks(study, rank_dist)[0]
+        return float(10 ** rng.uniform(min(xs), max(xs))), rank
 
     def search_done(self, study: Study) -> bool:
         """The method's search has answered: the best is bracketed within the resolution by finished trials
