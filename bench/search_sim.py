@@ -133,6 +133,7 @@ class Strategy:
     check_ranks: bool = True
     signal: tuple[str, int, str] | None = None  # (metric, step, direction): the bracket's early signal
     search_steps: int | None = None  # BudgetedSearch(trial_steps=...): no new search trial after this many
+    concurrency: int = 2  # the method's trials in flight (the quickstart: 2 slots)
 
     def with_(self, name: str, help: str, **changes: Any) -> Strategy:
         return Strategy(**(asdict(self) | {"name": name, "help": help} | changes))
@@ -204,6 +205,8 @@ TAGS: dict[str, tuple[dict[str, Any], str]] = {
     "res0.4": ({"resolution": 0.4}, "resolution 0.4 decades"),
     "s4": ({"n_startup": 4}, "4 start-up points"),
     "s5": ({"n_startup": 5}, "5 start-up points"),
+    "conc1": ({"concurrency": 1}, "one trial in flight (other methods hold the other slot)"),
+    "conc3": ({"concurrency": 3}, "three trials in flight"),
     "cap6": ({"trials": 6}, "cap 6 trials"),
     "cap7": ({"trials": 7}, "cap 7 trials"),
     "cap12": ({"trials": 12}, "cap 12 trials"),
@@ -342,7 +345,13 @@ def search(grid: Grid, s: Strategy, method: str, grid_seed: int, sampler_seed: i
             inner.max_t = -1
     else:
         inner = OptunaSearch(space, **common)
-    searcher = BudgetedSearch(inner, n_startup_trials=min(s.n_startup, s.trials), trial_steps=s.search_steps)
+    searcher = BudgetedSearch(
+        inner,
+        build=lambda _trial_id, params, _index: params,  # the sweep builds a TrialConfig here
+        max_trials=s.trials,
+        n_startup_trials=min(s.n_startup, s.trials),
+        trial_steps=s.search_steps,
+    )
     scheduler = (
         AsyncHyperBandScheduler(
             time_attr="step",
@@ -359,7 +368,7 @@ def search(grid: Grid, s: Strategy, method: str, grid_seed: int, sampler_seed: i
     done: list[dict] = []
     created, clock, finished = 0, 0, False
     while True:
-        while not finished and len(running) < 2 and created < s.trials:
+        while not finished and len(running) < s.concurrency and created < s.trials:
             tid = f"t{created:03d}"
             config = searcher.suggest(tid)
             if config == Searcher.FINISHED:
@@ -498,7 +507,7 @@ def replay(grid: Grid, s: Strategy, rep: int) -> dict[str, Any]:
                 st = "diverged" if point[DIVERGED] else "completed"
                 runs.append(RunRecord(method, lr, rank, seed, point[EM], st, role="confirm"))
                 confirm_steps += int(point[STEP])
-            makespan += MAX_STEPS * math.ceil(len(batch) / 2)
+            makespan += MAX_STEPS * math.ceil(len(batch) / s.concurrency)
         if s.scoring == "legacy":
             lr, rank = legacy_choice(runs)
             legacy_seed_values[method] = legacy_seeds(runs)

@@ -259,7 +259,8 @@ def test_plain_optuna_search_would_have_told_complete() -> None:
 
 def test_the_search_waits_then_finishes_once_bracketed() -> None:
     sampler = LogBracketSampler(n_startup=3, resolution=0.3, seed=1)
-    search = BudgetedSearch(adapter(sampler), n_startup_trials=3)
+    build = lambda _trial_id, params, _index: params  # noqa: E731 — the sweep builds a TrialConfig here
+    search = BudgetedSearch(adapter(sampler), build=build, max_trials=20, n_startup_trials=3)
     running: dict[str, dict] = {}
     n, finished = 0, False
     while not finished and n < 20:
