@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -460,6 +460,59 @@ def confirmation_runs(
         ranked = sorted(whole, key=lambda k: -sign * scores[k].mean)
         alive = ranked[: math.ceil(len(alive) / eta)]
     return []
+
+
+class ConfirmationSearch(Searcher):
+    """A method's confirm phase as a Tune searcher: hands out `confirmation_runs`' next batch, round after
+    round, as points ``{"lr", "rank", "seed"}`` passed through ``build(trial_id, point, index)`` (the sweep's
+    `TrialPlan.config` with ``role="confirm"``), and says FINISHED when the race is over.
+
+    ``records()`` returns the method's runs as recorded so far (the tracker's, through `scoring.run_record`).
+    Tune tells a searcher of a completion before its callbacks record it, so a finished run may still look
+    missing for a moment: a point is handed out once per searcher, and the search waits (None) until the
+    records catch up instead of launching it twice.
+    """
+
+    def __init__(
+        self,
+        records: Callable[[], list[RunRecord]],
+        build: Callable[[str, dict, int], dict],
+        *,
+        top_k: int,
+        extra_seeds: int,
+        base_seed: int,
+        direction: Direction,
+        eta: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.records, self.build = records, build
+        self.plan = {
+            "top_k": top_k,
+            "extra_seeds": extra_seeds,
+            "base_seed": base_seed,
+            "direction": direction,
+        }
+        self.plan["eta"] = eta
+        self.launched: set[tuple[float, int, int]] = set()
+        self.running: set[str] = set()
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        batch = confirmation_runs(self.records(), **self.plan)  # type: ignore[arg-type]
+        todo = [
+            (lr, rank, seed) for lr, rank, seed in batch if (*config_key(lr, rank), seed) not in self.launched
+        ]
+        if todo:
+            lr, rank, seed = todo[0]
+            self.launched.add((*config_key(lr, rank), seed))
+            self.running.add(trial_id)
+            return self.build(trial_id, {"lr": lr, "rank": rank, "seed": seed}, len(self.launched) - 1)
+        return None if batch or self.running else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.running.discard(trial_id)
 
 
 def confirmation_cost(top_k: int, extra_seeds: int, eta: float = 1.0) -> int:

@@ -15,6 +15,7 @@ from ray.tune.search import Searcher
 from peftsweep.orchestrator.budget import BudgetedSearch
 from peftsweep.orchestrator.scoring import RunRecord
 from peftsweep.orchestrator.strategy import (
+    ConfirmationSearch,
     LogBracketSampler,
     Point,
     Signal,
@@ -295,3 +296,30 @@ def test_the_stopping_report_reaches_only_on_trial_complete_as_in_tune() -> None
     assert trial.state == TrialState.PRUNED
     assert trial.user_attrs == {signal_attr("eval_loss", 25): 2.5, signal_attr("eval_loss", 50): 1.7}
     assert trial.value == 0.0  # Optuna keeps the last intermediate value Tune reported (step 25's)
+
+
+def test_the_confirmation_searcher_races_round_after_round_and_waits_for_the_records() -> None:
+    """The confirm phase through Tune's searcher interface: round 1 (top-2 × seed 1), then the better one
+    × seed 2; a completed run not yet recorded (Tune's callbacks lag) is never launched twice."""
+    records = runs_of({(1e-2, 0): [0.8], (5e-3, 0): [0.6], (2e-3, 0): [0.3]})
+    search = ConfirmationSearch(
+        lambda: list(records),
+        lambda trial_id, point, index: point | {"trial_id": trial_id, "index": index},
+        top_k=2,
+        extra_seeds=2,
+        base_seed=0,
+        direction="max",
+        eta=2,
+    )
+    a, b = search.suggest("a"), search.suggest("b")
+    assert {(a["lr"], a["seed"]), (b["lr"], b["seed"])} == {(1e-2, 1), (5e-3, 1)} and b["index"] == 1
+    assert search.suggest("c") is None  # the round is in flight
+    search.on_trial_complete("a")
+    search.on_trial_complete("b")
+    assert search.suggest("c") is None  # done, but not recorded yet: wait, do not re-launch
+    records.extend(runs_of({(1e-2, 1): [0.1], (5e-3, 1): [0.6]}))
+    c = search.suggest("c")
+    assert (c["lr"], c["rank"], c["seed"]) == (5e-3, 8, 2)
+    search.on_trial_complete("c")
+    records.extend(runs_of({(5e-3, 2): [0.55]}))
+    assert search.suggest("d") == Searcher.FINISHED
