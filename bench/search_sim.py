@@ -133,7 +133,10 @@ class Strategy:
     check_ranks: bool = True
     signal: tuple[str, int, str] | None = None  # (metric, step, direction): the bracket's early signal
     search_steps: int | None = None  # BudgetedSearch(trial_steps=...): no new search trial after this many
-    concurrency: int = 2  # the method's trials in flight (the quickstart: 2 slots)
+    concurrency: int = 2  # slots: the sweep's (pool "sweep") or the method's alone (pool "method")
+    pool: str = (
+        "sweep"  # sweep: all methods share the slots (methods.SweepSearch) | method: one after another
+    )
 
     def with_(self, name: str, help: str, **changes: Any) -> Strategy:
         return Strategy(**(asdict(self) | {"name": name, "help": help} | changes))
@@ -205,8 +208,9 @@ TAGS: dict[str, tuple[dict[str, Any], str]] = {
     "res0.4": ({"resolution": 0.4}, "resolution 0.4 decades"),
     "s4": ({"n_startup": 4}, "4 start-up points"),
     "s5": ({"n_startup": 5}, "5 start-up points"),
-    "conc1": ({"concurrency": 1}, "one trial in flight (other methods hold the other slot)"),
-    "conc3": ({"concurrency": 3}, "three trials in flight"),
+    "alone": ({"pool": "method"}, "methods one after another, each with the 2 slots"),
+    "alone1": ({"pool": "method", "concurrency": 1}, "methods one after another, one trial in flight"),
+    "conc4": ({"concurrency": 4}, "4 slots"),
     "cap6": ({"trials": 6}, "cap 6 trials"),
     "cap7": ({"trials": 7}, "cap 7 trials"),
     "cap12": ({"trials": 12}, "cap 12 trials"),
@@ -271,6 +275,12 @@ DEFAULT_SET = [
         )
     ),
     *(f"default {c}" for c in ("c0", "c1x1", "c1x2", "c2x1", "c2x2h", "c3x2h", "c3x2")),
+    "default alone",
+    "default alone1",
+    "default conc4",
+    "today alone",
+    "default b450",
+    "default b550",
     "default g50 check",
     "default cap12 res0.2",
 ]
@@ -316,12 +326,10 @@ class SimTrial:
     last: dict[str, Any] = field(default_factory=dict)
 
 
-def search(grid: Grid, s: Strategy, method: str, grid_seed: int, sampler_seed: int) -> tuple[list[dict], int]:
-    """One method's search: its trials in completion order (lr, rank, steps, value, status) and the
-    makespan in steps with 2 slots."""
+def make_searcher(s: Strategy, method: str, sampler_seed: int, build: Any) -> Any:
+    """The method's search as the sweep builds it (`sweep.method_searcher`): BudgetedSearch around Ray's
+    OptunaSearch (today) or `strategy.StrategyOptunaSearch`, one in-memory study per method."""
     import optuna
-    from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
-    from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
     from peftsweep.orchestrator.budget import BudgetedSearch
@@ -345,50 +353,49 @@ def search(grid: Grid, s: Strategy, method: str, grid_seed: int, sampler_seed: i
             inner.max_t = -1
     else:
         inner = OptunaSearch(space, **common)
-    searcher = BudgetedSearch(
+    return BudgetedSearch(
         inner,
-        build=lambda _trial_id, params, _index: params,  # the sweep builds a TrialConfig here
+        build=build,
         max_trials=s.trials,
         n_startup_trials=min(s.n_startup, s.trials),
         trial_steps=s.search_steps,
     )
-    scheduler = (
-        AsyncHyperBandScheduler(
-            time_attr="step",
-            metric=s.rung_metric,
-            mode="min" if s.rung_metric == RUNG_LOSS else "max",
-            max_t=MAX_STEPS,
-            grace_period=s.grace,
-            reduction_factor=s.reduction_factor,
-        )
-        if s.rung_metric
-        else None
+
+
+def make_scheduler(s: Strategy) -> Any:
+    """The method's early stopping (`sweep.method_scheduler`): ASHA on the strategy's rung metric, or FIFO."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    if not s.rung_metric:
+        return FIFOScheduler()
+    return AsyncHyperBandScheduler(
+        time_attr="step",
+        metric=s.rung_metric,
+        mode="min" if s.rung_metric == RUNG_LOSS else "max",
+        max_t=MAX_STEPS,
+        grace_period=s.grace,
+        reduction_factor=s.reduction_factor,
     )
-    running: list[SimTrial] = []
-    done: list[dict] = []
-    created, clock, finished = 0, 0, False
-    while True:
-        while not finished and len(running) < s.concurrency and created < s.trials:
-            tid = f"t{created:03d}"
-            config = searcher.suggest(tid)
-            if config == Searcher.FINISHED:
-                finished = True
-                break
-            if config is None:
-                break
-            curve = grid.curve(method, config["rank"], config["lr"], grid_seed)
-            reports = [p for p in curve if int(p[STEP]) % s.eval_every == 0 or int(p[STEP]) == MAX_STEPS]
-            trial = SimTrial(tid, config, curve, clock, reports=reports)
-            running.append(trial)
-            created += 1
-            if scheduler:
-                scheduler.on_trial_add(None, trial)
-        if not running:
-            break
-        trial = min(running, key=lambda t: (t.start + int(t.reports[t.next][STEP]), t.trial_id))
+
+
+class Clock:
+    """Trials in flight on a simulated clock: each reports at its eval points, earliest first."""
+
+    def __init__(self, eval_every: int) -> None:
+        self.eval_every, self.now, self.running = eval_every, 0, []
+
+    def start(self, trial_id: str, config: dict[str, Any], curve: list[list[float]]) -> SimTrial:
+        reports = [p for p in curve if int(p[STEP]) % self.eval_every == 0 or int(p[STEP]) == MAX_STEPS]
+        trial = SimTrial(trial_id, config, curve, self.now, reports=reports)
+        self.running.append(trial)
+        return trial
+
+    def next_report(self) -> tuple[SimTrial, list[float], dict[str, Any], bool]:
+        """The next report: (trial, curve point, Tune result, whether it is the trial's last)."""
+        trial = min(self.running, key=lambda t: (t.start + int(t.reports[t.next][STEP]), t.trial_id))
         point = trial.reports[trial.next]
         trial.next += 1
-        clock = trial.start + int(point[STEP])
+        self.now = trial.start + int(point[STEP])
         result = {
             "step": int(point[STEP]),
             METRIC: point[EM],
@@ -398,29 +405,60 @@ def search(grid: Grid, s: Strategy, method: str, grid_seed: int, sampler_seed: i
             "time_total_s": float(point[STEP]),
         }
         trial.last = result
-        decision = scheduler.on_trial_result(None, trial, result) if scheduler else TrialScheduler.CONTINUE
+        return trial, point, result, trial.next == len(trial.reports) or bool(point[DIVERGED])
+
+
+def search(grid: Grid, s: Strategy, method: str, grid_seed: int, sampler_seed: int) -> tuple[list[dict], int]:
+    """One method's search alone with ``s.concurrency`` trials in flight (``--pool method``): its trials in
+    completion order (lr, rank, steps, value, status) and the makespan in steps."""
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.search import Searcher
+
+    searcher = make_searcher(s, method, sampler_seed, lambda _trial_id, params, _index: params)
+    scheduler = make_scheduler(s)
+    clock = Clock(s.eval_every)
+    done: list[dict] = []
+    created, finished = 0, False
+    while True:
+        while not finished and len(clock.running) < s.concurrency:
+            tid = f"t{created:03d}"
+            config = searcher.suggest(tid)
+            if config == Searcher.FINISHED:
+                finished = True
+                break
+            if config is None:
+                break
+            trial = clock.start(tid, config, grid.curve(method, config["rank"], config["lr"], grid_seed))
+            created += 1
+            scheduler.on_trial_add(None, trial)
+        if not clock.running:
+            break
+        trial, point, result, end = clock.next_report()
+        decision = scheduler.on_trial_result(None, trial, result)
         if (
             decision != TrialScheduler.STOP
         ):  # as Tune's controller: a stopping result goes to on_trial_complete
             searcher.on_trial_result(trial.trial_id, result)
-        end = trial.next == len(trial.reports) or bool(point[DIVERGED])
         if decision == TrialScheduler.STOP or end:
-            if scheduler:
-                scheduler.on_trial_complete(None, trial, result)
+            scheduler.on_trial_complete(None, trial, result)
             searcher.on_trial_complete(trial.trial_id, result)
-            running.remove(trial)
-            full = result["step"] >= MAX_STEPS
-            status = "diverged" if point[DIVERGED] else ("completed" if full else "stopped_early")
-            done.append(
-                {
-                    "lr": float(trial.config["lr"]),
-                    "rank": int(trial.config["rank"]),
-                    "steps": result["step"],
-                    "value": point[EM],
-                    "status": status,
-                }
-            )
-    return done, clock
+            clock.running.remove(trial)
+            done.append(trial_row(trial, point, result))
+    return done, clock.now
+
+
+def trial_row(trial: SimTrial, point: list[float], result: dict[str, Any]) -> dict[str, Any]:
+    full = result["step"] >= MAX_STEPS
+    status = "diverged" if point[DIVERGED] else ("completed" if full else "stopped_early")
+    cfg = trial.config
+    return {
+        "lr": float(cfg["lr"]),
+        "rank": int(cfg["rank"]),
+        "seed": int(cfg.get("seed", 0)),
+        "steps": result["step"],
+        "value": point[EM],
+        "status": status,
+    }
 
 
 # --- today's scoring (tracker.method_score / top_configs, report._rows + is_tie), for the baseline ---
@@ -466,22 +504,135 @@ def legacy_seeds(runs: list[RunRecord]) -> tuple[float, ...]:
 
 
 def replay(grid: Grid, s: Strategy, rep: int) -> dict[str, Any]:
+    """One sweep: every method searched, confirmed and scored (``s.pool``: the sweep's shared slots, or each
+    method alone)."""
+    perm = PERMS[rep % len(PERMS)]  # sweep seed i → grid seed perm[i]
+    if s.pool == "sweep":
+        records, rows, makespan = sweep_pool(grid, s, rep, perm)
+        makespans = dict.fromkeys(METHODS, makespan)
+    else:
+        records, rows, makespans = method_by_method(grid, s, rep, perm)
+    return conclude(grid, s, rep, perm, records, rows, makespans)
+
+
+def sweep_pool(
+    grid: Grid, s: Strategy, rep: int, perm: tuple[int, ...]
+) -> tuple[dict[str, list[RunRecord]], dict[str, list[dict]], int]:
+    """All methods in one pool of ``s.concurrency`` slots, as the sweep runs them: the driver's own
+    `methods.SweepSearch` (each method's searcher, fewest trials in flight first; a method's confirmation
+    starts when its search is over) and `methods.SweepScheduler` (each method's ASHA; confirmation runs never
+    stopped). Records reach the confirmation searcher after the searchers hear of a completion, as Tune's
+    callbacks do."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.search import Searcher
+
+    from peftsweep.orchestrator.budget import FixedSearch
+    from peftsweep.orchestrator.methods import MethodRun, SweepScheduler, SweepSearch
+    from peftsweep.orchestrator.strategy import ConfirmationSearch
+    from peftsweep.trainables.trial_config import TRIAL_KEY
+
+    records: dict[str, list[RunRecord]] = {m: [] for m in METHODS}
+    rows: dict[str, list[dict]] = {m: [] for m in METHODS}
+
+    def build(method: str, role: str) -> Any:
+        def config(trial_id: str, params: dict, index: int) -> dict:
+            seed = int(params.get("seed", 0))
+            trial = SimpleNamespace(method=method, role=role, seed=seed, trial_id=trial_id)
+            return {TRIAL_KEY: trial, "method": method, "role": role, "seed": seed} | params
+
+        return config
+
+    def start_confirm(method: str) -> Any:
+        if s.extra_seeds == 0:
+            return None
+        if s.scoring == "legacy":  # today: the top-k × seeds as one fixed list (sweep.confirm_searcher)
+            points = [
+                {"lr": lr, "rank": rank, "seed": i}
+                for lr, rank in legacy_top_configs(records[method], s.top_k)
+                for i in range(1, s.extra_seeds + 1)
+            ]
+            return FixedSearch(points, build(method, "confirm")) if points else None
+        return ConfirmationSearch(
+            lambda: records[method],
+            build(method, "confirm"),
+            top_k=s.top_k,
+            extra_seeds=s.extra_seeds,
+            base_seed=0,
+            direction="max",
+            eta=s.eta,
+        )
+
+    runs = [
+        MethodRun(
+            m,
+            start_search=lambda m=m: make_searcher(s, m, rep, build(m, "search")),
+            start_confirm=lambda m=m: start_confirm(m),
+        )
+        for m in METHODS
+    ]
+    search, scheduler, clock = (
+        SweepSearch(runs),
+        SweepScheduler(lambda _m: make_scheduler(s)),
+        Clock(s.eval_every),
+    )
+    created, finished = 0, False
+    while True:
+        while not finished and len(clock.running) < s.concurrency:
+            tid = f"t{created:04d}"
+            config = search.suggest(tid)
+            if config == Searcher.FINISHED:
+                finished = True
+            if not isinstance(config, dict):
+                break
+            grid_seed = perm[config["seed"]]
+            trial = clock.start(
+                tid, config, grid.curve(config["method"], config["rank"], config["lr"], grid_seed)
+            )
+            created += 1
+            scheduler.on_trial_add(None, trial)
+        if not clock.running:
+            if not finished:
+                raise RuntimeError(
+                    f"replay {rep} {s.name}: nothing runs and the sweep search is not finished"
+                )
+            break
+        trial, point, result, end = clock.next_report()
+        decision = scheduler.on_trial_result(None, trial, result)
+        if decision != TrialScheduler.STOP:
+            search.on_trial_result(trial.trial_id, result)
+        if decision == TrialScheduler.STOP or end:
+            scheduler.on_trial_complete(None, trial, result)
+            search.on_trial_complete(trial.trial_id, result)
+            clock.running.remove(trial)
+            method, role = trial.config["method"], trial.config["role"]
+            row = trial_row(trial, point, result) | {"role": role}
+            rows[method].append(row)
+            records[method].append(record(grid, s, method, row))
+    return records, rows, clock.now
+
+
+def record(grid: Grid, s: Strategy, method: str, row: dict[str, Any]) -> RunRecord:
+    """A finished trial as the tracker records it (stopped trials: ``pruned`` where the study says so)."""
+    status = {"stopped_early": "pruned" if s.pruned else "stopped_early"}.get(row["status"], row["status"])
+    role = row.get("role", "search")
+    return RunRecord(method, grid.nearest(row["lr"]), row["rank"], row["seed"], row["value"], status, role)
+
+
+def method_by_method(
+    grid: Grid, s: Strategy, rep: int, perm: tuple[int, ...]
+) -> tuple[dict[str, list[RunRecord]], dict[str, list[dict]], dict[str, int]]:
+    """Each method alone with ``s.concurrency`` trials in flight, then its confirmation runs."""
     from peftsweep.orchestrator.strategy import confirmation_runs
 
-    perm = PERMS[rep % len(PERMS)]  # sweep seed i → grid seed perm[i]
-    out: dict[str, Any] = {"rep": rep, "perm": perm, "methods": {}}
-    scores: dict[str, scoring.ConfigScore | None] = {}
-    legacy_seed_values: dict[str, tuple[float, ...]] = {}
+    records: dict[str, list[RunRecord]] = {}
+    rows: dict[str, list[dict]] = {}
+    makespans: dict[str, int] = {}
     for method in METHODS:
         trials, makespan = search(grid, s, method, perm[0], sampler_seed=rep)
-        status = {"stopped_early": "pruned" if s.pruned else "stopped_early"}
-        runs = [
-            RunRecord(
-                method, grid.nearest(t["lr"]), t["rank"], 0, t["value"], status.get(t["status"], t["status"])
-            )
-            for t in trials
-        ]
-        steps, confirm_steps = sum(t["steps"] for t in trials), 0
+        runs = [record(grid, s, method, t) for t in trials]
+        rows[method] = [t | {"role": "search"} for t in trials]
         legacy = (
             [
                 [
@@ -504,10 +655,37 @@ def replay(grid: Grid, s: Strategy, rep: int) -> dict[str, Any]:
                 break
             for lr, rank, seed in batch:
                 point = grid.curve(method, rank, lr, perm[seed])[-1]
-                st = "diverged" if point[DIVERGED] else "completed"
-                runs.append(RunRecord(method, lr, rank, seed, point[EM], st, role="confirm"))
-                confirm_steps += int(point[STEP])
+                row = {
+                    "lr": lr,
+                    "rank": rank,
+                    "seed": seed,
+                    "steps": int(point[STEP]),
+                    "value": point[EM],
+                    "status": "diverged" if point[DIVERGED] else "completed",
+                    "role": "confirm",
+                }
+                rows[method].append(row)
+                runs.append(record(grid, s, method, row))
             makespan += MAX_STEPS * math.ceil(len(batch) / s.concurrency)
+        records[method], makespans[method] = runs, makespan
+    return records, rows, makespans
+
+
+def conclude(
+    grid: Grid,
+    s: Strategy,
+    rep: int,
+    perm: tuple[int, ...],
+    records: dict[str, list[RunRecord]],
+    rows: dict[str, list[dict]],
+    makespans: dict[str, int],
+) -> dict[str, Any]:
+    """Each method's chosen configuration, regret and compute, and the verdict across methods."""
+    out: dict[str, Any] = {"rep": rep, "perm": perm, "methods": {}}
+    scores: dict[str, scoring.ConfigScore | None] = {}
+    legacy_seed_values: dict[str, tuple[float, ...]] = {}
+    for method in METHODS:
+        runs = records[method]
         if s.scoring == "legacy":
             lr, rank = legacy_choice(runs)
             legacy_seed_values[method] = legacy_seeds(runs)
@@ -516,14 +694,15 @@ def replay(grid: Grid, s: Strategy, rep: int) -> dict[str, Any]:
             scores[method] = score
             lr, rank = (score.lr, score.rank) if score else (grid.lrs[0], RANKS[0])
         true = grid.truth[method][(rank, grid.nearest(lr))]
+        search_rows = [r for r in rows[method] if r["role"] == "search"]
         out["methods"][method] = {
             "chosen": [rank, grid.nearest(lr)],
             "regret": grid.optimum[method] - true,
-            "search_steps": steps,
-            "confirm_steps": confirm_steps,
-            "trials": len(trials),
-            "full": sum(t["status"] == "completed" for t in trials),
-            "makespan": makespan,
+            "search_steps": sum(r["steps"] for r in search_rows),
+            "confirm_steps": sum(r["steps"] for r in rows[method] if r["role"] == "confirm"),
+            "trials": len(search_rows),
+            "full": sum(r["status"] == "completed" for r in search_rows),
+            "makespan": makespans[method],
         }
     if s.scoring == "legacy":
         verdict = legacy_verdicts(legacy_seed_values)
