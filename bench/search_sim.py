@@ -848,6 +848,11 @@ def report(results: dict[str, Any], console: Console, markdown: bool, only: list
         print("\n".join(lines))
 
 
+def pct(x: float) -> str:
+    """A share as a percentage, with the half-percent that 200 replays resolve (89.5 % is not 90 %)."""
+    return f"{x:.0%}" if round(x * 200) % 2 == 0 else f"{x:.1%}"
+
+
 def compact(results: dict[str, Any], names: list[str]) -> str:
     """The README's table: one row per strategy, per method P(within) · P(verdict) · mean regret · compute."""
     head = "| strategy | " + " | ".join(METHODS) + " | trial-steps (mean over methods) | ≤ 1/10 in |"
@@ -855,7 +860,7 @@ def compact(results: dict[str, Any], names: list[str]) -> str:
     for name in names:
         per = results[name]["methods"]
         cells = [
-            f"{a['p_within']:.0%} · {a['p_verdict']:.0%} · {a['regret_mean']:.3f} · "
+            f"{pct(a['p_within'])} · {pct(a['p_verdict'])} · {a['regret_mean']:.3f} · "
             f"{a['fraction_of_grid']:.3f}"
             for a in (per[m] for m in METHODS)
         ]
