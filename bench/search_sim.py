@@ -3,11 +3,13 @@
 A fast replay of whole sweeps (search + confirmation seeds + verdict) against the ground-truth grid
 (`bench/grid.py` → `results/grid.jsonl`: 4 methods × ranks 4, 8 × 12 LRs × seeds 0-2, learning curves every
 25 steps). No Ray runtime and no training: the objects the orchestrator builds run in this process on a
-simulated clock — Ray Tune's `AsyncHyperBandScheduler` (ASHA), Ray's `OptunaSearch` (or this project's
-`strategy.StrategyOptunaSearch`) inside `budget.BudgetedSearch`, real Optuna samplers on an in-memory study
-(ask/tell; PRUNED for stopped trials where the strategy says so), and `strategy.confirmation_runs` +
-`scoring` for the confirmation seeds, the chosen configuration and the verdict. So what is measured here is
-the shipped code; only the trainable is replaced by the table.
+simulated clock — the driver's `methods.SweepSearch` / `methods.SweepScheduler` (all methods share the
+slots, as `sweep.run_methods` runs them), per method Ray Tune's `AsyncHyperBandScheduler` (ASHA) and Ray's
+`OptunaSearch` (or this project's `strategy.StrategyOptunaSearch`) inside `budget.BudgetedSearch`, real
+Optuna samplers on an in-memory study (ask/tell; PRUNED for stopped trials where the strategy says so), and
+`strategy.ConfirmationSearch` (today: `budget.FixedSearch`) + `scoring` for the confirmation seeds, the
+chosen configuration and the verdict. So what is measured here is the shipped code; only the trainable is
+replaced by the table.
 
 How a replay maps onto the table:
 
@@ -19,10 +21,12 @@ How a replay maps onto the table:
   Replay r maps the sweep's seeds 0, 1, 2 onto the grid's seeds by permutation r mod 6 (each permutation
   equally often), so search trials and confirmation runs always see different grid seeds, and every grid
   seed is the search seed in a third of the replays. The grid has 3 seeds: at most 2 confirmation seeds.
-- **Concurrency 2**: two trials are in flight, as in the quickstart. A slot that frees asks the searcher for
-  the next trial (constant liar / running trials are visible to the sampler); ``None`` (BudgetedSearch holding
-  back start-up trials, or a finished search waiting for its running trials) leaves the slot idle until the
-  next event. Reports at the same simulated step are processed in trial order.
+- **Slots**: 2 trials in flight for the whole sweep, as in the quickstart (``pool="sweep"``; ``"method"``: one
+  method after another, each with the slots). A slot that frees asks the sweep's searcher for the next
+  trial (running trials are visible to the samplers); ``None`` (a method's searcher holding back start-up
+  trials, waiting for a running neighbour, or a confirmation round in flight) leaves the slot idle until the
+  next event. Reports at the same simulated step are processed in trial order; a report that makes ASHA
+  stop a trial reaches the searcher only through ``on_trial_complete`` (Tune's controller does the same).
 - **Truth**: a configuration's true score is its mean over the grid's 3 seeds; a method's optimum is the best
   of its 24. "Within 0.10" compares the chosen configuration's true score with the optimum. The grid's
   verdict is `scoring.verdicts` on each method's optimum with its 3 seeds.
