@@ -22,7 +22,8 @@ Build = Callable[[str, dict, int], dict]
 
 
 class BudgetedSearch(Searcher):
-    """Wraps a Ray Tune ``OptunaSearch``: wall-time and trial-seconds budgets, start-up trials held back."""
+    """Wraps a Ray Tune ``OptunaSearch``: wall-time, trial-seconds and trial-steps budgets, start-up trials
+    held back."""
 
     def __init__(
         self,
@@ -33,6 +34,8 @@ class BudgetedSearch(Searcher):
         n_startup_trials: int,
         deadline: float | None = None,  # time.monotonic() after which no trial starts
         trial_seconds: float | None = None,  # summed trial durations after which no trial starts
+        trial_steps: int | None = None,  # summed trained steps (last reported `step`) after which none starts
+        step_attr: str = "step",
     ) -> None:
         self.searcher = searcher
         self.build = build
@@ -41,7 +44,9 @@ class BudgetedSearch(Searcher):
         self.n_startup_trials = n_startup_trials
         self.deadline = deadline
         self.trial_seconds = trial_seconds
+        self.trial_steps, self.step_attr = trial_steps, step_attr
         self.spent_seconds = 0.0
+        self.spent_steps = 0
         self.stopped_by: str | None = None  # which budget ended the search, for the report
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
@@ -71,6 +76,9 @@ class BudgetedSearch(Searcher):
         if self.trial_seconds is not None and self.spent_seconds >= self.trial_seconds:
             self.stopped_by = "trial-seconds"
             return Searcher.FINISHED
+        if self.trial_steps is not None and self.spent_steps >= self.trial_steps:
+            self.stopped_by = "trial-steps"
+            return Searcher.FINISHED
         finished, running = self._counts()
         if running and finished < self.n_startup_trials <= finished + running:
             return None  # the start-up trials in flight complete the random phase: wait for them
@@ -85,14 +93,16 @@ class BudgetedSearch(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.spent_seconds += float((result or {}).get("time_total_s", 0.0))
+        self.spent_steps += int((result or {}).get(self.step_attr, 0))
         self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
     def get_state(self) -> dict:
         """This wrapper's own state; Tune saves the wrapped OptunaSearch separately (``save_to_dir``)."""
-        return {"spent_seconds": self.spent_seconds}
+        return {"spent_seconds": self.spent_seconds, "spent_steps": self.spent_steps}
 
     def set_state(self, state: dict) -> None:
         self.spent_seconds = state["spent_seconds"]
+        self.spent_steps = state.get("spent_steps", 0)
 
     def save(self, checkpoint_path: str) -> None:
         self.searcher.save(checkpoint_path)

@@ -60,3 +60,15 @@ def test_each_suggestion_is_built_into_a_trial_config_and_the_trial_budget_is_ke
     assert [(c["trial_id"], c["index"]) for c in configs] == [("a", 0), ("b", 1), ("c", 2)]
     assert all(1e-4 <= c["lr"] <= 1e-1 for c in configs)  # the inner OptunaSearch's suggestion, kept
     assert search.suggest("d") == Searcher.FINISHED  # 3 trials: the method's budget
+
+
+def test_a_trial_steps_budget_counts_trained_steps_of_finished_trials() -> None:
+    search = _search(trial_steps=100)
+    for tid in "ab":
+        search.suggest(tid)
+    search.on_trial_complete("a", {"exact_match": 0.0, "step": 25})  # stopped at its first rung
+    search.on_trial_complete("b", {"exact_match": 0.4, "step": 50})
+    assert isinstance(search.suggest("c"), dict)  # 75 of 100 spent
+    search.on_trial_complete("c", {"exact_match": 0.5, "step": 150})
+    assert search.suggest("d") == Searcher.FINISHED and search.stopped_by == "trial-steps"
+    assert search.get_state()["spent_steps"] == 225
