@@ -465,6 +465,12 @@ def trial_row(trial: SimTrial, point: list[float], result: dict[str, Any]) -> di
     }
 
 
+def is_tie(mean: float, std: float, best_mean: float, best_std: float) -> bool:
+    """The tie rule before issue 18 (report.is_tie, removed from the package): within the two stds."""
+    gap, limit = abs(mean - best_mean), best_std + std
+    return gap <= limit or math.isclose(gap, limit) or math.isclose(mean, best_mean)
+
+
 # --- today's scoring (tracker.method_score / top_configs, report._rows + is_tie), for the baseline ---
 
 
@@ -488,7 +494,7 @@ def legacy_choice(runs: list[RunRecord]) -> tuple[float, int]:
 
 def legacy_verdicts(seeds: dict[str, tuple[float, ...]]) -> dict[str, str]:
     """report._rows: the best mean is 'best'; others tie if the gap ≤ std sum (report.is_tie)."""
-    from peftsweep.orchestrator.report import is_tie, mean_std
+    from peftsweep.orchestrator.report import mean_std
 
     stats = {m: mean_std(v) for m, v in seeds.items() if v}
     winner = max(stats, key=lambda m: stats[m][0])

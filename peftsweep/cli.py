@@ -200,12 +200,15 @@ def report(
         err.print(f"[red]{exc}[/]", highlight=False)
         raise typer.Exit(1) from None
     header, cells = gap_table(result)
+    why = header.index("why")  # the test's numbers: under the table, where they have room
     table = Table(title=f"sweep {spec.name}: run {result.sweep_run_id} ({result.metric}, {result.direction})")
-    for col in header:
-        table.add_column(col, justify="left" if col in ("method", "verdict") else "right")
+    for col in header[:why] + header[why + 1 :]:
+        table.add_column(col, justify="left" if col in ("method", "verdict", "bracketed") else "right")
     for row in cells:
-        table.add_row(*row)
+        table.add_row(*row[:why], *row[why + 1 :])
     console.print(table)
+    for row in cells:
+        console.print(f"  {row[0]}: {row[why]}", highlight=False)
     if result.finding:
         console.print(result.finding, highlight=False)
     for path in (result.markdown, result.html, result.lr_curves):

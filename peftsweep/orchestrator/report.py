@@ -67,12 +67,14 @@ class MethodRow:
     """One method's line of the report: its best configuration over seeds, costs, and study diagnostics."""
 
     method: str
-    seeds: tuple[float, ...]  # metric of the best search trial, then of its confirm runs
+    seeds: tuple[float, ...]  # the best configuration's metric, one per seed (scoring.method_score)
     best_lr: float | None
     best_rank: int | None
     gap: float | None  # how much worse than the best method's mean (metric units, ≥ 0); 0 for the best
     lr_ratio: float | None  # best_lr / the reference method's best_lr (ReportResult.ratio_reference)
-    verdict: str  # best | tie | worse | no result
+    verdict: str  # best | tie | worse | no result (scoring.verdicts: Welch's test over seeds)
+    verdict_reason: str  # the test's numbers ("Welch p 0.31 ≥ 0.05; ≈ 27 seeds each would settle it")
+    bracketed: str  # "yes", "no: upper side open" (strategy.bracket_text), "-" without a study
     counts: dict[str, int]  # search trials per outcome, plus "trials" (all search trials) and "confirm"
     trial_seconds: float  # sum of finished trial runs' durations (search + confirm)
     gpu_hours: float | None  # None on CPU sweeps (gpus_per_worker == 0)
@@ -113,16 +115,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1: seeds are a sample); std 0 with one value, which means no
     spread was measured, not that there is none."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def is_tie(mean: float, std: float, best_mean: float, best_std: float) -> bool:
-    """Within seed noise of the best: the means differ by no more than the two stds together.
-
-    With one seed each both stds are 0, so only equal means tie. A gap exactly at the limit ties whatever
-    the float rounding of the subtraction (0.8 - 0.7 > 0.1 in binary).
-    """
-    gap, limit = abs(mean - best_mean), best_std + std
-    return gap <= limit or math.isclose(gap, limit) or math.isclose(mean, best_mean)
 
 
 def gpu_hours(trial_seconds: float, resources: ResourcesSpec) -> float | None:
@@ -226,26 +218,6 @@ def load_trials(spec: SweepSpec, sweep_run_id: str) -> dict[str, list[Trial]]:
     )
 
 
-def _best_search_trial(trials: Sequence[Trial], direction: str) -> Trial | None:
-    """The best search trial by final metric; a failed trial's partial metric is not a result."""
-    sign = 1 if direction == "max" else -1
-    scored = [
-        (t.value, t) for t in trials if t.role == "search" and t.outcome != "failed" and t.value is not None
-    ]
-    return max(scored, key=lambda vt: sign * vt[0], default=(None, None))[1]
-
-
-def _seeds(trials: Sequence[Trial], best: Trial | None) -> tuple[float, ...]:
-    if best is None or best.value is None:
-        return ()
-    confirms = [
-        t.value
-        for t in trials
-        if t.role == "confirm" and t.outcome != "failed" and t.value is not None and t.same_config(best)
-    ]
-    return (best.value, *confirms)
-
-
 def _counts(trials: Sequence[Trial]) -> dict[str, int]:
     search = [t for t in trials if t.role == "search"]
     by_outcome = Counter(t.outcome for t in search)
@@ -253,6 +225,19 @@ def _counts(trials: Sequence[Trial]) -> dict[str, int]:
     counts["running"] = len(search) - sum(counts[o] for o in OUTCOMES)
     counts["confirm"] = sum(t.role == "confirm" for t in trials)
     return counts
+
+
+def _bracketed(spec: SweepSpec, method: str) -> str:
+    """Whether the method's study brackets its best LR (`strategy.bracket_text`); never raises."""
+    from peftsweep.orchestrator.strategy import bracket_text, study_bracket
+
+    if spec.tracking.optuna_storage is None and not (spec.tracking.root / "optuna.db").is_file():
+        return "-"  # opening a missing default sqlite store would create it
+    try:
+        storage = open_storage(spec.tracking.optuna_storage_url())
+        return bracket_text(study_bracket(storage, f"{spec.name}/{method}", spec.search.bracket_resolution))
+    except Exception as exc:  # diagnostics only
+        return f"n/a ({type(exc).__name__})"
 
 
 def param_importances(spec: SweepSpec, method: str) -> dict[str, float] | str:
@@ -292,38 +277,36 @@ def _rows(
     trials: Mapping[str, Sequence[Trial]],
     curvature: Mapping[str, float] | None,
 ) -> tuple[list[MethodRow], str | None]:
-    direction = spec.search.direction
-    sign = 1 if direction == "max" else -1
+    """One row per method, scored and compared by `scoring` (the rule of the final table and the registry)."""
+    from peftsweep.orchestrator import scoring
+
+    metric, direction = spec.search.metric or "", spec.search.direction
     methods = list(trials)  # load_trials' order: the spec's
-    bests = {m: _best_search_trial(trials[m], direction) for m in methods}
-    seeds = {m: _seeds(trials[m], bests[m]) for m in methods}
-    stats = {m: mean_std(s) for m, s in seeds.items() if s}
-    winner = max(stats, key=lambda m: sign * stats[m][0], default=None)
-    reference = REFERENCE_METHOD if REFERENCE_METHOD in stats else winner
-    ref_best = bests.get(reference) if reference is not None else None
-    ref_lr = ref_best.lr if ref_best else None
+    scores = {
+        m: scoring.method_score([scoring.run_record(t, metric) for t in trials[m]], direction)
+        for m in methods
+    }
+    verdicts = scoring.verdicts(scores, direction, alpha=spec.search.verdict_alpha)
+    winner = scoring.best_method(scores, direction)
+    reference = REFERENCE_METHOD if scores.get(REFERENCE_METHOD) is not None else winner
+    ref_score = scores.get(reference) if reference is not None else None
     ref_curv = (curvature or {}).get(REFERENCE_METHOD)
     rows = []
     for m in methods:
-        best = bests[m] if m in stats else None
-        if best is None or winner is None:
-            gap, verdict = None, "no result"
-        else:
-            mean, std = stats[m]
-            gap = sign * (stats[winner][0] - mean)
-            tie = is_tie(mean, std, *stats[winner])
-            verdict = "best" if m == winner else ("tie" if tie else "worse")
+        score, verdict = scores[m], verdicts[m]
         seconds = sum(t.seconds for t in trials[m] if t.seconds is not None)
         curv = (curvature or {}).get(m)
         rows.append(
             MethodRow(
                 method=m,
-                seeds=seeds[m],
-                best_lr=best.lr if best else None,
-                best_rank=best.rank if best else None,
-                gap=gap,
-                lr_ratio=best.lr / ref_lr if best and ref_lr else None,
-                verdict=verdict,
+                seeds=score.values if score else (),
+                best_lr=score.lr if score else None,
+                best_rank=score.rank if score else None,
+                gap=verdict.gap,
+                lr_ratio=score.lr / ref_score.lr if score and ref_score else None,
+                verdict=verdict.verdict,
+                verdict_reason=verdict.reason,
+                bracketed=_bracketed(spec, m),
                 counts=_counts(trials[m]),
                 trial_seconds=seconds,
                 gpu_hours=gpu_hours(seconds, spec.resources),
@@ -347,13 +330,17 @@ def pissa_finding(rows: Sequence[MethodRow]) -> str | None:
     if not (pissa and lora and pissa.best_lr and lora.best_lr):
         return None
     ratio = pissa.best_lr / lora.best_lr
+    open_ends = [r.method for r in (pissa, lora) if r.bracketed not in ("yes", "-")]
+    caveat = (
+        f" {' and '.join(open_ends)}'s optimum is not bracketed: a bound, not a ratio." if open_ends else ""
+    )
     if ratio <= 1 / SAME_LR_FACTOR:
         verdict = f"lower, as in {PAPER}"
     elif ratio < SAME_LR_FACTOR:
         verdict = f"about the same: within {SAME_LR_FACTOR:g}×; {PAPER} finds PiSSA's lower"
     else:
         verdict = f"higher, unlike {PAPER}"
-    return f"PiSSA's optimal LR is {ratio:.2g}× LoRA's ({verdict})."
+    return f"PiSSA's optimal LR is {ratio:.2g}× LoRA's ({verdict}).{caveat}"
 
 
 # ---- rendering -------------------------------------------------------------------------------------------
@@ -371,7 +358,9 @@ def gap_table(result: ReportResult) -> tuple[list[str], list[list[str]]]:
         f"{result.metric} mean ± std (n)",
         "gap to best",
         "verdict",
+        "why",
         "optimal LR",
+        "bracketed",
         f"LR / {ref}'s",
         "best rank",
     ]
@@ -386,7 +375,9 @@ def gap_table(result: ReportResult) -> tuple[list[str], list[list[str]]]:
             "-" if r.mean is None else f"{r.mean:.4f} ± {r.std:.4f} ({r.n})",
             _num(r.gap),
             r.verdict,
+            r.verdict_reason,
             _num(r.best_lr, ".3g"),
+            r.bracketed,
             _num(r.lr_ratio, ".3g"),
             rank,
         ]

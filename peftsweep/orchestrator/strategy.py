@@ -605,3 +605,22 @@ class StrategyOptunaSearch(OptunaSearch):
             self.pruned.add(trial_id)
             return
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def study_bracket(storage: Any, study_name: str, resolution: float) -> Bracket | None:
+    """Where a method's study stands (its best LR and the tried neighbours around it), for the final table
+    and the report; None when the study does not exist yet."""
+    if study_name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+        return None
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    return LogBracketSampler(resolution=resolution).bracket(study)
+
+
+def bracket_text(bracket: Bracket | None) -> str:
+    """'yes', or which side of the best LR is still open ('no: upper side open')."""
+    if bracket is None or bracket.best is None:
+        return "-"
+    if bracket.bracketed:
+        return "yes"
+    open_sides = sorted(set(bracket.needs) | set(bracket.pending))
+    return f"no: {' and '.join(open_sides)} side open"

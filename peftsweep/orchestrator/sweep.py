@@ -252,13 +252,19 @@ def method_searcher(
     deadline: float | None = None,
     lr_range: tuple[float, float] | None = None,  # a prior's range instead of the spec's
     points: list[dict] | None = None,  # configurations to try first (Optuna enqueue_trial)
+    nightly: bool = False,
 ) -> Any:
-    """The method's search: its own Optuna study (RDB storage) behind OptunaSearch, with the budget of
-    ``trials`` new trials (and the sweep's wall-time and trial-seconds budgets)."""
+    """The method's search: its own Optuna study (RDB storage) behind Ray Tune's OptunaSearch, sampled by
+    the spec's strategy (`strategy.LogBracketSampler`), stopped trials stored as PRUNED, with the budget of
+    ``trials`` new trials (and the sweep's wall-time and trial-seconds budgets).
+
+    ``nightly``: the study holds earlier nights' trials, already bracketed, so a nightly run continues it
+    with TPE (warm-started from every earlier night) instead of finding it done at once.
+    """
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     from peftsweep.orchestrator.budget import BudgetedSearch
+    from peftsweep.orchestrator.strategy import LogBracketSampler, StrategyOptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mspec, search = spec.method(method), spec.search
@@ -266,21 +272,26 @@ def method_searcher(
     space = {"lr": optuna.distributions.FloatDistribution(lo, hi, log=True)}
     if mspec.ranks:  # rank-less methods (IA3, BitFit, full FT, prompt methods) search the LR only
         space["rank"] = optuna.distributions.CategoricalDistribution(mspec.ranks)
-    # metric/mode go to the searcher itself: with a fixed space it never reads them from TuneConfig.
     n_startup = min(search.n_startup_trials, search.trials_per_method)
+    sampler = LogBracketSampler(
+        n_startup=n_startup,
+        resolution=search.bracket_resolution,
+        then="tpe" if search.strategy == "tpe" or nightly else "bracket",
+        check_ranks=search.check_ranks,
+        seed=search.seed,
+    )
     plan = _plan(spec, method, data_dir)
     return BudgetedSearch(
-        OptunaSearch(
+        # metric/mode go to the searcher itself: with a fixed space it never reads them from TuneConfig.
+        StrategyOptunaSearch(
             space,
             metric=search.metric,
             mode=search.direction,
-            # constant_liar: concurrent TPE trials spread out instead of piling onto one point
-            sampler=optuna.samplers.TPESampler(
-                seed=search.seed, n_startup_trials=n_startup, constant_liar=True
-            ),
+            sampler=sampler,
             study_name=f"{spec.name}/{method}",
             storage=open_storage(spec.tracking.optuna_storage_url()),
             points_to_evaluate=points or None,
+            max_t=spec.training.max_steps,
         ),
         build=lambda trial_id, params, index: plan.config(
             trial_id, params["lr"], params.get("rank", 0), index=index
@@ -293,16 +304,20 @@ def method_searcher(
 
 
 def method_scheduler(spec: SweepSpec) -> Any:
-    """A method's early stopping (ASHA on the search metric at eval points), or none."""
+    """A method's early stopping: ASHA at eval points on ``search.rung_metric`` (eval_loss by default: it
+    separates LRs at step 25, when exact match is still ~0), or none."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from peftsweep.vocab import direction
 
     search = spec.search
     if search.early_stopping != "asha":
         return FIFOScheduler()
+    rung = search.rung_metric or search.metric or ""
     return ASHAScheduler(
         time_attr="step",
-        metric=search.metric,
-        mode=search.direction,
+        metric=rung,
+        mode=search.direction if rung == search.metric else direction(rung),
         max_t=spec.training.max_steps,
         grace_period=spec.training.eval_every * search.grace_period_evals,
         reduction_factor=search.reduction_factor,
@@ -484,28 +499,27 @@ def _prepare(spec: SweepSpec, console: Console) -> Path:
 
 
 def confirm_searcher(spec: SweepSpec, method: str, tracker: SweepTracker, data_dir: Path) -> Any:
-    """The method's top configurations re-run with extra seeds (a fixed list, no early stopping), or None.
+    """The method's top configurations re-run with extra seeds, raced (`strategy.ConfirmationSearch`), or
+    None when the spec asks for none.
 
-    Runs already done (a resumed sweep) are not repeated. Confirmation trials are Tune trials like the
-    search's, recorded with tag ``peftsweep.role=confirm``; Optuna's study sees only the search.
+    The plan is a function of the recorded runs, so a resumed sweep does not repeat the runs it has.
+    Confirmation trials are Tune trials like the search's, tagged ``peftsweep.role=confirm``; Optuna's study
+    sees only the search.
     """
-    from peftsweep.orchestrator.budget import FixedSearch
+    from peftsweep.orchestrator.strategy import ConfirmationSearch
 
     search = spec.search
-    mine = [t for t in tracker.trials.values() if t.method == method and t.role == "confirm"]
-    done = {(t.lr, t.rank, t.seed) for t in mine}
-    points = [
-        {"lr": lr, "rank": rank, "seed": spec.training.seed + i}
-        for lr, rank in tracker.top_configs(method, search.confirm_top_k)
-        for i in range(1, search.confirm_seeds + 1)
-        if (lr, rank, spec.training.seed + i) not in done
-    ]
-    if not points:
+    if not search.confirm_seeds:
         return None
     plan = _plan(spec, method, data_dir)
-    return FixedSearch(
-        points,
+    return ConfirmationSearch(
+        lambda: tracker.records(method),
         lambda trial_id, p, _index: plan.config(trial_id, p["lr"], p["rank"], seed=p["seed"], role="confirm"),
+        top_k=search.confirm_top_k,
+        extra_seeds=search.confirm_seeds,
+        base_seed=spec.training.seed,
+        direction=search.direction,
+        eta=search.confirm_eta,
     )
 
 
@@ -549,6 +563,7 @@ def _method_runs(
     resume: bool,
     curvature: dict[str, float],
     t0: float,
+    nightly: bool = False,
 ) -> list[MethodRun]:
     """Each method's part of the one Tune run: its search (budget left, LR prior, killed configurations
     first on resume) and its confirmation, started when their inputs are known."""
@@ -567,10 +582,10 @@ def _method_runs(
         finished = [m for m in search_order(spec) if tracker.method_score(m.name) is not None]
         lr_range, points = _prior(spec, method, finished, tracker, curvature)
         points = (rerun + (points or []))[:left] or None  # killed configurations first
-        return method_searcher(spec, method, data_dir, left, deadline, lr_range, points)
+        return method_searcher(spec, method, data_dir, left, deadline, lr_range, points, nightly)
 
     def start_confirm(method: str) -> Any:
-        return confirm_searcher(spec, method, tracker, data_dir) if spec.search.confirm_seeds else None
+        return confirm_searcher(spec, method, tracker, data_dir)
 
     def stop(method: str) -> str | None:
         k = spec.search.stop_after_failures
@@ -629,7 +644,7 @@ def _run_locked(
         with Live(progress.table(), console=console, refresh_per_second=2) as live:
             progress.live = live
             curvature = _curvatures(spec, data_dir, console) if spec.search.lr_prior != "none" else {}
-            runs = _method_runs(spec, data_dir, tracker, resume, curvature, t0)
+            runs = _method_runs(spec, data_dir, tracker, resume, curvature, t0, nightly=tags is not None)
             recorder = TrialRecorder(tracker, progress.update)
 
             def stopped(method: str, why: str) -> None:
@@ -645,7 +660,7 @@ def _run_locked(
             stops = {run.name: run.stopped for run in runs if run.stopped}
         console.print()
         bests = {m.name: b for m in spec.methods if (b := tracker.best_trial(m.name)) is not None}
-        registered = tracker.register(bests, _gate(spec, tracker, data_dir))
+        registered = tracker.register(_gate(spec, tracker, data_dir))
         tracker.finish_sweep("FINISHED")
     except BaseException:
         if tracker is not None:
@@ -706,33 +721,29 @@ def _run_locked(
 
 
 def final_table(spec: SweepSpec, tracker: SweepTracker, result: SweepResult) -> Table:
-    from peftsweep.orchestrator.report import is_tie  # one tie rule for the table and the report
+    """Each method's best configuration, its score over seeds, whether its optimum is bracketed, and the
+    verdict against the best method, all from `scoring` (the rule the registry and the report use)."""
+    from peftsweep.orchestrator.strategy import bracket_text, study_bracket
 
     metric = spec.search.metric
+    verdicts = tracker.verdicts()
+    storage = open_storage(spec.tracking.optuna_storage_url())
     table = Table(title=f"sweep {spec.name}: best config per method ({metric}, {spec.search.direction})")
-    columns = ("method", "best lr", "rank", f"{metric} mean±std", "seeds", "vs best", "trials")
+    columns = ("method", "best lr", "rank", f"{metric} mean±std", "seeds", "bracketed", "verdict", "trials")
     for col in (*columns, "confirm", "stopped", "diverged", "failed"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    sign = 1 if spec.search.direction == "max" else -1
-    top = max(result.best.values(), key=lambda b: sign * b["mean"], default=None)
+        table.add_column(col, justify="left" if col in ("method", "verdict") else "right")
     for mspec in spec.methods:
         trials = [t for t in tracker.trials.values() if t.method == mspec.name]
-        best = result.best.get(mspec.name)
-        mark = " ★" if mspec.name == result.champion else ""
-        if best is None or top is None:
-            versus = "-"
-        elif best is top:
-            versus = "best"
-        else:
-            tie = is_tie(best["mean"], best["std"], top["mean"], top["std"])
-            versus = "tie" if tie else f"{best['mean'] - top['mean']:+.3f}"
+        best, verdict = result.best.get(mspec.name), verdicts[mspec.name]
+        bracket = study_bracket(storage, f"{spec.name}/{mspec.name}", spec.search.bracket_resolution)
         table.add_row(
-            mspec.name + mark,
+            mspec.name + (" ★" if mspec.name == result.champion else ""),
             f"{best['lr']:.2e}" if best else "-",
             str(best["rank"]) if best and best["rank"] else "-",  # rank 0: the method has none
             f"{best['mean']:.3f}±{best['std']:.3f}" if best else "-",
             str(best["seeds"]) if best else "-",
-            versus,
+            bracket_text(bracket),
+            _verdict_text(verdict),
             str(sum(t.role == "search" for t in trials)),
             str(sum(t.role == "confirm" for t in trials)),
             str(sum(t.status == "stopped_early" for t in trials)),
@@ -740,3 +751,19 @@ def final_table(spec: SweepSpec, tracker: SweepTracker, result: SweepResult) -> 
             str(sum(t.status == "failed" for t in trials)),
         )
     return table
+
+
+def _verdict_text(verdict: Any) -> str:
+    """'best', 'tie (p 0.31; ≈ 27 seeds would settle it)', 'worse (-0.210, p 0.004)' or 'no result'."""
+    if verdict.verdict == "tie" and verdict.gap == 0.0:  # the leader, not separated from the others
+        return "tie: best mean" + (
+            f" (≈ {verdict.seeds_to_settle} seeds would settle it)" if verdict.seeds_to_settle else ""
+        )
+    if verdict.verdict == "worse":
+        return f"worse ({-verdict.gap:+.3f}, p {verdict.p_value:.2g})"
+    if verdict.verdict == "tie":
+        parts = [f"p {verdict.p_value:.2g}"] if verdict.p_value is not None else ["one seed"]
+        if verdict.seeds_to_settle:
+            parts.append(f"≈ {verdict.seeds_to_settle} seeds would settle it")
+        return f"tie ({'; '.join(parts)})"
+    return verdict.verdict

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
 
+from peftsweep.orchestrator import scoring
 from peftsweep.orchestrator.redact import RedactingClient
+from peftsweep.orchestrator.scoring import ConfigScore, RunRecord, run_record
 from peftsweep.orchestrator.trial import executor_for, prune_finished
 from peftsweep.spec import SweepSpec
 from peftsweep.trainables.trial_config import TRIAL_KEY, TrialConfig
@@ -67,21 +68,6 @@ class TrialRecord:
     has_adapter: bool = False
     failure: str = ""  # why it failed (status failed)
     node: str = ""  # the Ray node id of its rank-0 worker (the latest, after a restart)
-
-
-SCORED = ("completed", "stopped_early", "diverged")  # outcomes whose last metric is a trial's result
-
-
-@dataclass(frozen=True)
-class MethodScore:
-    """A method's best configuration and its mean ± std over seeds."""
-
-    lr: float
-    rank: int
-    mean: float
-    std: float
-    n: int  # seeds behind the mean
-    trials: list[TrialRecord]
 
 
 # "OSError: …", "torch.OutOfMemoryError: …", "peftsweep.trainables.faults.SetupStalled: …" (not Ray's wrapper)
@@ -326,21 +312,15 @@ class SweepTracker:
             else:
                 self.client.log_artifact(run_id, str(entry), ADAPTER_ARTIFACT)
 
-    def _scored(self, method: str) -> list[TrialRecord]:
-        metric = self.spec.search.metric
-        return [
-            t
-            for t in self.trials.values()
-            if t.method == method and t.status in SCORED and _finite(t.metrics.get(metric))
-        ]
+    def records(self, method: str | None = None) -> list[RunRecord]:
+        """The trials as `scoring` reads them (one rule for every reading of "best": scoring.py)."""
+        metric = self.spec.search.metric or ""
+        return [run_record(t, metric) for t in self.trials.values() if method in (None, t.method)]
 
     def top_configs(self, method: str, k: int) -> list[tuple[float, int]]:
         """The k best (lr, rank) of the method's search trials: what the confirmation runs re-seed."""
-        metric, sign = self.spec.search.metric, (1 if self.spec.search.direction == "max" else -1)
-        search = sorted(
-            (t for t in self._scored(method) if t.role == "search"), key=lambda t: -sign * t.metrics[metric]
-        )
-        return list(dict.fromkeys((t.lr, t.rank) for t in search))[:k]
+        top = scoring.top_configs(self.records(method), k, self.spec.search.direction)
+        return [(c.lr, c.rank) for c in top]
 
     def failure_streak(self, method: str, k: int) -> str | None:
         """The error that the method's first ``k`` search trials all failed with, or None: a systematic
@@ -352,34 +332,26 @@ class SweepTracker:
             return None
         return reasons.pop()
 
-    def method_score(self, method: str) -> MethodScore | None:
-        """The method's score: mean ± std over seeds of its best configuration (arXiv 2602.04998's protocol).
+    def method_score(self, method: str) -> ConfigScore | None:
+        """The method's score: the mean over seeds of its best configuration (`scoring.method_score`)."""
+        return scoring.method_score(self.records(method), self.spec.search.direction)
 
-        Configurations with confirmation runs compete on their seed means; without any, the best single
-        trial is the score (n = 1, std 0).
-        """
-        metric, sign = self.spec.search.metric, (1 if self.spec.search.direction == "max" else -1)
-        groups: dict[tuple[float, int], list[TrialRecord]] = {}
-        # A diverged trial's worst score steers the sampler away; it never makes a config the method's best.
-        for t in (t for t in self._scored(method) if t.status != "diverged"):
-            groups.setdefault((t.lr, t.rank), []).append(t)
-        confirmed = {c: g for c, g in groups.items() if any(t.role == "confirm" for t in g)}
-        pool = confirmed or groups
-        if not pool:
-            return None
-        scores = [
-            MethodScore(lr, rank, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v), g)
-            for (lr, rank), g in pool.items()
-            for v in [[t.metrics[metric] for t in g]]
-        ]
-        return max(scores, key=lambda s: sign * s.mean)
+    def verdicts(self) -> dict[str, scoring.MethodVerdict]:
+        """Every method's verdict against the best (`scoring.verdicts`: Welch's test over seeds)."""
+        scores = {m.name: self.method_score(m.name) for m in self.spec.methods}
+        return scoring.verdicts(scores, self.spec.search.direction, alpha=self.spec.search.verdict_alpha)
 
     def best_trial(self, method: str) -> TrialRecord | None:
-        """The trial to register for a method: the best seed run, with an adapter, of its best config."""
-        metric, sign = self.spec.search.metric, (1 if self.spec.search.direction == "max" else -1)
-        score = self.method_score(method)
-        candidates = [t for t in (score.trials if score else []) if t.has_adapter]
-        return max(candidates, key=lambda t: sign * t.metrics[metric], default=None)
+        """The trial that represents a method (registered as best-<method>): `scoring.representative`."""
+        chosen = scoring.representative(self.records(method), self.spec.search.direction)
+        if chosen is None:
+            return None
+        return next((t for t in self.trials.values() if t.run_id == chosen.run_id), None)
+
+    def champion_method(self) -> str | None:
+        """The best-scored method (`scoring.best_method`): what becomes champion or challenger."""
+        scores = {m.name: self.method_score(m.name) for m in self.spec.methods}
+        return scoring.best_method(scores, self.spec.search.direction)
 
     def finish_method(self, method: str) -> TrialRecord | None:
         best, score = self.best_trial(method), self.method_score(method)
@@ -402,18 +374,23 @@ class SweepTracker:
         return best
 
     def register(
-        self, bests: dict[str, TrialRecord], gate: Callable[[str, str], GateDecision]
+        self, gate: Callable[[str, str], GateDecision]
     ) -> tuple[str, TrialRecord, GateDecision] | None:
-        """One model version per method's best trial (alias `best-<method>`); the overall best becomes
-        `champion` if ``gate(registry_name, run_id)`` promotes it, else `challenger`."""
-        if not bests:
+        """One model version per method's representative trial (alias `best-<method>`); the best-scored
+        method's becomes `champion` if ``gate(registry_name, run_id)`` promotes it, else `challenger`.
+        Everything here reads `scoring`, like the final table, the report and `peftsweep best`."""
+        bests = {m.name: b for m in self.spec.methods if (b := self.best_trial(m.name)) is not None}
+        leader = self.champion_method()
+        if not bests or leader not in bests:
             return None
         name = self.spec.tracking.registry_name or self.spec.name
         if not self._model_exists(name):
             self.client.create_registered_model(name, description=f"Best adapters of sweep {self.spec.name}")
-        metric, sign = self.spec.search.metric, (1 if self.spec.search.direction == "max" else -1)
+        metric = self.spec.search.metric or ""
         versions: dict[str, str] = {}
         for method, rec in bests.items():
+            score = self.method_score(method)
+            assert score is not None  # a representative trial exists only for a scored method
             version = self.client.create_model_version(
                 name,
                 source=f"runs:/{rec.run_id}/{ADAPTER_ARTIFACT}",
@@ -422,8 +399,10 @@ class SweepTracker:
                     METHOD_TAG: method,
                     "lr": str(rec.lr),
                     "rank": str(rec.rank),
-                    metric: str(rec.metrics[metric]),
-                    "base_model": self.spec.base_model,
+                    metric: str(rec.metrics[metric]),  # this trial's (one seed)
+                    f"{metric}_mean": str(score.mean),  # the method's score: its config's seed mean
+                    "seeds": str(score.n),
+                    "base_model": self.spec.base_model_name or self.spec.base_model,
                     # what the method costs, next to what it scores
                     "trainable_params": str(int(rec.metrics.get("trainable_params", 0))),
                     "adapter_bytes": str(int(rec.metrics.get("adapter_bytes", 0))),
@@ -431,7 +410,7 @@ class SweepTracker:
             ).version
             self.client.set_registered_model_alias(name, f"best-{method}", version)
             versions[method] = version
-        champion = max(bests.values(), key=lambda t: sign * t.metrics[metric])
+        champion, verdicts = bests[leader], self.verdicts()
         decision = gate(name, champion.run_id)
         alias = CHAMPION_ALIAS if decision.promoted else CHALLENGER_ALIAS
         self.client.set_registered_model_alias(name, alias, versions[champion.method])
@@ -447,8 +426,13 @@ class SweepTracker:
                     metric: r.metrics[metric],
                     "run_id": r.run_id,
                     "version": versions[m],
+                    "verdict": v.verdict,
+                    "mean": v.score.mean if v.score else None,
+                    "seeds": v.score.n if v.score else 0,
+                    "why": v.reason,
                 }
                 for m, r in bests.items()
+                for v in [verdicts[m]]
             },
         }
         self.client.log_text(self.sweep_run_id, json.dumps(summary, indent=2), "summary.json")

@@ -65,9 +65,9 @@ class _Tracker:
         self.lr = lr
 
     def method_score(self, method: str) -> object:
-        from peftsweep.orchestrator.tracking import MethodScore
+        from peftsweep.orchestrator.scoring import ConfigScore, RunRecord
 
-        return MethodScore(lr=self.lr, rank=4, mean=0.5, std=0.0, n=1, trials=[])
+        return ConfigScore(method, self.lr, 4, (RunRecord(method, self.lr, 4, 0, 0.5),))
 
     def note_method(self, method: str, metrics: dict, tags: dict) -> None:
         self.notes[method] = (metrics, tags)
