@@ -133,6 +133,7 @@ class Strategy:
     eta: float = 1.0
     scoring: str = "new"  # new (scoring.py) | legacy (today's tracker.method_score + report.is_tie)
     resolution: float = 0.3
+    grid: int | None = None  # LogBracketSampler(grid=...): snap every LR to a log grid of this many points
     rank_policy: str = "largest"
     check_ranks: bool = True
     signal: tuple[str, int, str] | None = None  # (metric, step, direction): the bracket's early signal
@@ -158,10 +159,11 @@ EL = {"eval_every": 25, "rung_metric": RUNG_LOSS, "grace": 25, "pruned": True, "
 C2X2 = {"top_k": 2, "extra_seeds": 2, "eta": 1.0}  # the default's confirmation: top-2 × 2 more seeds
 DEFAULT = Strategy(
     "default",
-    "3 spread start-up points, bracket the best LR to 0.3 decades (cap 8), largest rank; eval_loss rungs at "
-    "25/50/75/100 keeping the top 2/3 (ASHA rf 1.5), PRUNED; top-2 configs × 2 more seeds",
+    "3 spread start-up points on the 12-point LR grid, bracket the best grid LR (cap 8), largest rank; "
+    "eval_loss rungs at 25/50/75/100 keeping the top 2/3 (ASHA rf 1.5), PRUNED; top-2 configs × 2 more seeds",
     "bracket",
     n_startup=3,
+    grid=12,
     reduction_factor=1.5,
     check_ranks=False,
     **EL,
@@ -209,6 +211,7 @@ TAGS: dict[str, tuple[dict[str, Any], str]] = {
     "check": ({"check_ranks": True}, "then try the other rank at the best LR"),
     "cycle": ({"rank_policy": "cycle"}, "start-up ranks alternate"),
     "res0.2": ({"resolution": 0.2}, "resolution 0.2 decades"),
+    "nogrid": ({"grid": None}, "continuous LRs (mapped to the nearest grid LR), no snapping"),
     "res0.4": ({"resolution": 0.4}, "resolution 0.4 decades"),
     "s4": ({"n_startup": 4}, "4 start-up points"),
     "s5": ({"n_startup": 5}, "5 start-up points"),
@@ -313,6 +316,7 @@ def make_sampler(s: Strategy, seed: int) -> Any:
         check_ranks=s.check_ranks,
         signal=Signal(*s.signal) if s.signal else None,  # type: ignore[arg-type]
         seed=seed,
+        grid=s.grid,
     )
 
 

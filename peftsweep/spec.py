@@ -210,7 +210,11 @@ class SearchSpec(_Strict):
     metric: str | None = None  # None: the data format's main metric (exact_match for prompt_completion)
     mode: Literal["max", "min"] | None = None  # None: min for losses (eval_loss, forgetting), else max
     n_startup_trials: PositiveInt = 3  # spread a decade apart over a 3-decade range; 4 costs +15 %, no gain
-    bracket_resolution: PositiveFloat = 0.3  # decades: both worse neighbours within this of the best LR
+    # bracket: LRs on a log grid of this many points over [lr_min, lr_max] (the paper protocol's 12, ~4 per
+    # decade): a proposal snaps to an untried grid LR, so "bracketed" means both grid neighbours are worse.
+    # None: continuous LRs.
+    lr_grid: Annotated[int, Strict(), Field(ge=2)] | None = 12
+    bracket_resolution: PositiveFloat = 0.3  # decades (at least one grid step): worse neighbours within it
     # Once bracketed, also try the other ranks at the best LR. Off: on the built-in task the largest rank is
     # never worse at a method's peak (rank matters far less than LR), and checking costs ~12 % more steps.
     check_ranks: bool = False

@@ -235,7 +235,9 @@ def _bracketed(spec: SweepSpec, method: str) -> str:
         return "-"  # opening a missing default sqlite store would create it
     try:
         storage = open_storage(spec.tracking.optuna_storage_url())
-        return bracket_text(study_bracket(storage, f"{spec.name}/{method}", spec.search.bracket_resolution))
+        search = spec.search
+        bracket = study_bracket(storage, f"{spec.name}/{method}", search.bracket_resolution, search.lr_grid)
+        return bracket_text(bracket)
     except Exception as exc:  # diagnostics only
         return f"n/a ({type(exc).__name__})"
 

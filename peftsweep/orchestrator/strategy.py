@@ -185,6 +185,10 @@ class LogBracketSampler(BaseSampler):
         signal: rank trials by this recorded early metric instead of the study's value (trials stopped
             before its step rank below every trial that reached it). None: the study's value.
         seed: the start-up offset and every random fallback.
+        grid: None, or how many LRs log-spaced over the study's range (both ends included) the search may
+            try (the paper protocol's grid: 12 over three decades). Every proposal is snapped to an untried
+            grid point, and the resolution is at least one grid step, so "bracketed" means the best grid LR
+            has both grid neighbours tried and worse.
         lr_param, rank_param: parameter names; other parameters are sampled at random.
     """
 
@@ -199,6 +203,7 @@ class LogBracketSampler(BaseSampler):
         check_ranks: bool = False,
         signal: Signal | None = None,
         seed: int | None = None,
+        grid: int | None = None,
         lr_param: str = LR,
         rank_param: str = RANK,
     ) -> None:
@@ -206,7 +211,9 @@ class LogBracketSampler(BaseSampler):
             raise ValueError("n_startup must be ≥ 1")
         if resolution <= 0:
             raise ValueError("resolution must be > 0 decades")
-        self.n_startup, self.resolution = n_startup, resolution
+        if grid is not None and grid < 2:
+            raise ValueError("grid must have ≥ 2 points (both ends of the range)")
+        self.n_startup, self.resolution, self.grid = n_startup, resolution, grid
         self.startup, self.then = startup, then
         self.rank_policy, self.check_ranks, self.signal = rank_policy, check_ranks, signal
         self.lr_param, self.rank_param = lr_param, rank_param
@@ -333,7 +340,32 @@ class LogBracketSampler(BaseSampler):
     def bracket(self, study: Study, exclude: int | None = None) -> Bracket:
         """The study's current bracket (see `find_bracket`)."""
         lo, hi = self._lr_range(study, None)
-        return find_bracket(self.points(study, exclude), lo, hi, self.resolution)
+        return find_bracket(self.points(study, exclude), lo, hi, self._resolution(lo, hi))
+
+    def _resolution(self, lo: float, hi: float) -> float:
+        """Decades within which a neighbour closes a side: the resolution, at least one grid step."""
+        if self.grid is None:
+            return self.resolution
+        return max(self.resolution, 1.01 * math.log10(hi / lo) / (self.grid - 1))
+
+    def grid_lrs(self, lo: float, hi: float) -> list[float]:
+        """The LRs a gridded search may try, ascending (empty without a grid)."""
+        if self.grid is None:
+            return []
+        return [lo * (hi / lo) ** (k / (self.grid - 1)) for k in range(self.grid)]
+
+    def _snap(self, lr: float, pts: Sequence[Point], lo: float, hi: float, best: Point | None) -> float:
+        """``lr`` on the grid: the nearest grid LR not yet tried (on ``lr``'s side of the best, if any)."""
+        grid = self.grid_lrs(lo, hi)
+        if not grid:
+            return lr
+        near = self._resolution(lo, hi) / 4
+        tried = [p.x for p in pts]
+        free = [g for g in grid if all(abs(math.log10(g) - x) > near for x in tried)]
+        if best is not None:
+            side = math.copysign(1.0, math.log10(lr) - best.x)
+            free = [g for g in free if (math.log10(g) - best.x) * side > 0]
+        return min(free or grid, key=lambda g: abs(math.log10(g) - math.log10(lr)))
 
     def _untried_rank(self, pts: Sequence[Point], best: Point, ranks: Sequence[Any]) -> Any | None:
         near = self.resolution / 4
@@ -351,17 +383,18 @@ class LogBracketSampler(BaseSampler):
             if self.startup != "lattice":
                 return "trial", None, None  # delegated (qmc/random)
             lr = spread(self.n_startup, lo, hi, self._offset)[number]
+            lr = self._snap(lr, self.points(study, exclude=number), lo, hi, None)
             return "trial", lr, ranks[0] if self.rank_policy == "largest" else ranks[number % len(ranks)]
         if self.then == "tpe":
             return "trial", None, None
         pts = self.points(study, exclude=number)
-        b = find_bracket(pts, lo, hi, self.resolution)
+        b = find_bracket(pts, lo, hi, self._resolution(lo, hi))
         if b.best is None:
             return ("wait" if any(p.running for p in pts) else "trial"), None, ranks[0]
         rank = b.best.rank if b.best.rank is not None else ranks[0]
         lr = next_lr(b, lo, hi, math.log10(hi / lo) / self.n_startup)
         if lr is not None:
-            return "trial", lr, rank
+            return "trial", self._snap(lr, pts, lo, hi, b.best), rank
         if b.pending:
             return "wait", None, rank
         other = self._untried_rank(pts, b.best, ranks) if self.check_ranks else None
@@ -393,11 +426,12 @@ class LogBracketSampler(BaseSampler):
         # the bracket, at the best's rank.
         lo, hi = self._lr_range(study, lr_dist)
         rng = np.random.default_rng(None if self._seed is None else [self._seed, trial.number])
-        b = find_bracket(self.points(study, exclude=trial.number), lo, hi, self.resolution)
+        pts = self.points(study, exclude=trial.number)
+        b = find_bracket(pts, lo, hi, self._resolution(lo, hi))
         xs = [p.x for p in (b.lower, b.best, b.upper) if p is not None] or [math.log10(lo), math.log10(hi)]
         if rank is None:
             rank = self._ranks(study, rank_dist)[0]
-        return float(10 ** rng.uniform(min(xs), max(xs))), rank
+        return self._snap(float(10 ** rng.uniform(min(xs), max(xs))), pts, lo, hi, None), rank
 
     def search_done(self, study: Study) -> bool:
         """The method's search has answered: the best is bracketed within the resolution by finished trials
@@ -408,7 +442,7 @@ class LogBracketSampler(BaseSampler):
             return False
         lo, hi = self._lr_range(study, None)
         pts = [p for p in self.points(study) if not p.running]
-        b = find_bracket(pts, lo, hi, self.resolution)
+        b = find_bracket(pts, lo, hi, self._resolution(lo, hi))
         if not b.bracketed:
             return False
         assert b.best is not None
@@ -607,13 +641,15 @@ class StrategyOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
-def study_bracket(storage: Any, study_name: str, resolution: float) -> Bracket | None:
+def study_bracket(
+    storage: Any, study_name: str, resolution: float, grid: int | None = None
+) -> Bracket | None:
     """Where a method's study stands (its best LR and the tried neighbours around it), for the final table
     and the report; None when the study does not exist yet."""
     if study_name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
         return None
     study = optuna.load_study(study_name=study_name, storage=storage)
-    return LogBracketSampler(resolution=resolution).bracket(study)
+    return LogBracketSampler(resolution=resolution, grid=grid).bracket(study)
 
 
 def bracket_text(bracket: Bracket | None) -> str:

@@ -279,6 +279,7 @@ def method_searcher(
         then="tpe" if search.strategy == "tpe" or nightly else "bracket",
         check_ranks=search.check_ranks,
         seed=search.seed,
+        grid=search.lr_grid,
     )
     plan = _plan(spec, method, data_dir)
     return BudgetedSearch(
@@ -735,7 +736,8 @@ def final_table(spec: SweepSpec, tracker: SweepTracker, result: SweepResult) -> 
     for mspec in spec.methods:
         trials = [t for t in tracker.trials.values() if t.method == mspec.name]
         best, verdict = result.best.get(mspec.name), verdicts[mspec.name]
-        bracket = study_bracket(storage, f"{spec.name}/{mspec.name}", spec.search.bracket_resolution)
+        name, search = f"{spec.name}/{mspec.name}", spec.search
+        bracket = study_bracket(storage, name, search.bracket_resolution, search.lr_grid)
         table.add_row(
             mspec.name + (" ★" if mspec.name == result.champion else ""),
             f"{best['lr']:.2e}" if best else "-",

@@ -101,6 +101,26 @@ def test_the_sampler_finds_and_brackets_the_peak(in_flight: int) -> None:
     assert {t.params["rank"] for t in trials} == {8}  # rank_policy largest, no rank check
 
 
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_on_a_grid_every_lr_is_a_distinct_grid_point_and_the_bracket_is_its_neighbours(
+    in_flight: int,
+) -> None:
+    """The paper protocol's 12-point log grid: proposals snap to untried grid LRs, and "bracketed" means the
+    best grid LR's two grid neighbours were tried and are worse."""
+    sampler = LogBracketSampler(n_startup=3, resolution=0.3, seed=1, grid=12)
+    grid = sampler.grid_lrs(LO, HI)
+    study = run_study(sampler, n=12, in_flight=in_flight)
+    lrs = [t.params["lr"] for t in study.trials]
+    assert all(any(math.isclose(lr, g, rel_tol=1e-9) for g in grid) for lr in lrs)
+    assert len(set(lrs)) == len(lrs)  # no grid LR twice: one rank (the largest), one trial per LR
+    assert sampler.search_done(study)
+    b = sampler.bracket(study)
+    i = min(range(len(grid)), key=lambda k: abs(grid[k] - b.best.lr))
+    assert math.isclose(b.lower.lr, grid[i - 1]) and math.isclose(b.upper.lr, grid[i + 1])
+    best_grid = max(grid, key=landscape)
+    assert math.isclose(b.best.lr, best_grid)  # the synthetic landscape's best grid LR
+
+
 def test_pending_trials_hold_their_lr() -> None:
     sampler = LogBracketSampler(n_startup=2, resolution=0.3, seed=0)
     study = optuna.create_study(direction="maximize", sampler=sampler)
