@@ -325,8 +325,19 @@ def _rows(
 SAME_LR_FACTOR = 2.0
 
 
-def pissa_finding(rows: Sequence[MethodRow]) -> str | None:
-    """PiSSA's optimal LR against LoRA's, worded from the numbers; None unless both have a result."""
+def same_lr_factor(spec: SweepSpec) -> float:
+    """LRs closer than this factor are the same optimum: half a step of the search's LR grid (bracketed
+    optima on a grid are exact grid points), else `SAME_LR_FACTOR`."""
+    lora = next((m for m in spec.methods if m.name == REFERENCE_METHOD), spec.methods[0])
+    grid = spec.search.lr_grid
+    if grid is None or spec.search.strategy != "bracket" or lora.lr_min is None or lora.lr_max is None:
+        return SAME_LR_FACTOR
+    return float((lora.lr_max / lora.lr_min) ** (0.5 / (grid - 1)))
+
+
+def pissa_finding(rows: Sequence[MethodRow], same: float = SAME_LR_FACTOR) -> str | None:
+    """PiSSA's optimal LR against LoRA's, worded from the numbers; None unless both have a result. LRs
+    within a factor ``same`` of each other are the same optimum."""
     by = {r.method: r for r in rows}
     pissa, lora = by.get("pissa"), by.get("lora")
     if not (pissa and lora and pissa.best_lr and lora.best_lr):
@@ -336,10 +347,10 @@ def pissa_finding(rows: Sequence[MethodRow]) -> str | None:
     caveat = (
         f" {' and '.join(open_ends)}'s optimum is not bracketed: a bound, not a ratio." if open_ends else ""
     )
-    if ratio <= 1 / SAME_LR_FACTOR:
+    if ratio <= 1 / same:
         verdict = f"lower, as in {PAPER}"
-    elif ratio < SAME_LR_FACTOR:
-        verdict = f"about the same: within {SAME_LR_FACTOR:g}×; {PAPER} finds PiSSA's lower"
+    elif ratio < same:
+        verdict = f"about the same: within {same:.2g}×; {PAPER} finds PiSSA's lower"
     else:
         verdict = f"higher, unlike {PAPER}"
     return f"PiSSA's optimal LR is {ratio:.2g}× LoRA's ({verdict}).{caveat}"
@@ -588,7 +599,7 @@ def build_report(
         metric=metric,
         direction=direction,
         ratio_reference=reference,
-        finding=pissa_finding(rows),
+        finding=pissa_finding(rows, same_lr_factor(spec)),
         notes=_notes(reference, spec.resources),
     )
     # Logged as files (log_artifact copies bytes), so redacted here: an importance's error text may quote

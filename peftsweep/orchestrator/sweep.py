@@ -697,6 +697,8 @@ def _run_locked(
         all_failed=bool(tracker.trials) and all(t.status == "failed" for t in tracker.trials.values()),
     )
     console.print(final_table(spec, tracker, result))
+    for line in verdict_notes(tracker):
+        console.print(f"  {line}", highlight=False)
     for method, why in result.stopped.items():
         console.print(f"[yellow]{method}: stopped early, its first trials all failed with: {escape(why)}[/]")
     _write_report(spec, tracker.sweep_run_id, curvature, console)
@@ -723,49 +725,46 @@ def _run_locked(
 
 def final_table(spec: SweepSpec, tracker: SweepTracker, result: SweepResult) -> Table:
     """Each method's best configuration, its score over seeds, whether its optimum is bracketed, and the
-    verdict against the best method, all from `scoring` (the rule the registry and the report use)."""
+    verdict against the best method, all from `scoring` (the rule the registry and the report use); the
+    verdicts' numbers are in `verdict_notes`."""
     from peftsweep.orchestrator.strategy import bracket_text, study_bracket
 
-    metric = spec.search.metric
+    metric, search = spec.search.metric, spec.search
     verdicts = tracker.verdicts()
     storage = open_storage(spec.tracking.optuna_storage_url())
-    table = Table(title=f"sweep {spec.name}: best config per method ({metric}, {spec.search.direction})")
-    columns = ("method", "best lr", "rank", f"{metric} mean±std", "seeds", "bracketed", "verdict", "trials")
-    for col in (*columns, "confirm", "stopped", "diverged", "failed"):
-        table.add_column(col, justify="left" if col in ("method", "verdict") else "right")
+    table = Table(title=f"sweep {spec.name}: best config per method ({metric}, {search.direction})")
+    columns = ("method", "best lr", "rank", f"{metric} mean±std (seeds)", "bracketed", "verdict")
+    for col in (*columns, "trials + confirm", "stopped / diverged / failed"):
+        table.add_column(col, justify="left" if col in ("method", "verdict", "bracketed") else "right")
     for mspec in spec.methods:
         trials = [t for t in tracker.trials.values() if t.method == mspec.name]
         best, verdict = result.best.get(mspec.name), verdicts[mspec.name]
-        name, search = f"{spec.name}/{mspec.name}", spec.search
-        bracket = study_bracket(storage, name, search.bracket_resolution, search.lr_grid)
+        bracket = study_bracket(
+            storage, f"{spec.name}/{mspec.name}", search.bracket_resolution, search.lr_grid
+        )
+        counts = [sum(t.status == s for t in trials) for s in ("stopped_early", "diverged", "failed")]
         table.add_row(
             mspec.name + (" ★" if mspec.name == result.champion else ""),
             f"{best['lr']:.2e}" if best else "-",
             str(best["rank"]) if best and best["rank"] else "-",  # rank 0: the method has none
-            f"{best['mean']:.3f}±{best['std']:.3f}" if best else "-",
-            str(best["seeds"]) if best else "-",
+            f"{best['mean']:.3f}±{best['std']:.3f} ({best['seeds']})" if best else "-",
             bracket_text(bracket),
             _verdict_text(verdict),
-            str(sum(t.role == "search" for t in trials)),
-            str(sum(t.role == "confirm" for t in trials)),
-            str(sum(t.status == "stopped_early" for t in trials)),
-            str(sum(t.status == "diverged" for t in trials)),
-            str(sum(t.status == "failed" for t in trials)),
+            f"{sum(t.role == 'search' for t in trials)} + {sum(t.role == 'confirm' for t in trials)}",
+            " / ".join(map(str, counts)),
         )
     return table
 
 
 def _verdict_text(verdict: Any) -> str:
-    """'best', 'tie (p 0.31; ≈ 27 seeds would settle it)', 'worse (-0.210, p 0.004)' or 'no result'."""
-    if verdict.verdict == "tie" and verdict.gap == 0.0:  # the leader, not separated from the others
-        return "tie: best mean" + (
-            f" (≈ {verdict.seeds_to_settle} seeds would settle it)" if verdict.seeds_to_settle else ""
-        )
+    """The verdict in a table cell: 'best', 'tie', 'tie (best mean)', 'worse (-0.210)' or 'no result'."""
     if verdict.verdict == "worse":
-        return f"worse ({-verdict.gap:+.3f}, p {verdict.p_value:.2g})"
-    if verdict.verdict == "tie":
-        parts = [f"p {verdict.p_value:.2g}"] if verdict.p_value is not None else ["one seed"]
-        if verdict.seeds_to_settle:
-            parts.append(f"≈ {verdict.seeds_to_settle} seeds would settle it")
-        return f"tie ({'; '.join(parts)})"
+        return f"worse ({-verdict.gap:+.3f})"
+    if verdict.verdict == "tie" and verdict.gap == 0.0:
+        return "tie (best mean)"
     return verdict.verdict
+
+
+def verdict_notes(tracker: SweepTracker) -> list[str]:
+    """One line per method under the final table: the test behind its verdict (scoring.verdicts)."""
+    return [f"{m}: {v.verdict}: {v.reason}" for m, v in tracker.verdicts().items()]
