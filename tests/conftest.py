@@ -24,6 +24,7 @@ def ray_session() -> Iterator[None]:
     from peftsweep.cluster.local import free_port
 
     ray.init(
+        address="local",  # a cluster of the tests' own, never one already running on this machine
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=free_port(),  # not 8265: a sweep running beside the tests must not share it

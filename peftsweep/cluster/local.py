@@ -30,7 +30,9 @@ def connect(address: str | None = None, *, show_worker_logs: bool = False) -> bo
     if embedded:
         warn_if_auth_disabled(os.environ)
     ray.init(
-        address=address,
+        # "local": start a new cluster. ray.init() without an address would join any Ray instance running on
+        # this machine (`ray start`, another sweep's), so an "embedded" sweep could land on someone's cluster.
+        address=address or "local",
         include_dashboard=embedded or None,
         dashboard_host="127.0.0.1",  # never expose the embedded dashboard beyond this machine
         # Its own port, not 8265: two embedded sweeps started side by side both stalled in

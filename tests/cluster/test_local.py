@@ -1,4 +1,4 @@
-"""The embedded Ray cluster says so, in one line, when Ray's token authentication has been turned off."""
+"""The embedded Ray cluster: a new one of its own, and one line when Ray's token authentication is off."""
 
 from __future__ import annotations
 
@@ -41,3 +41,17 @@ def test_embedded_cluster_with_ray_auth_is_quiet(
         warnings.simplefilter("error", RuntimeWarning)
         local.connect()
     assert no_ray_start
+
+
+def test_the_embedded_cluster_is_a_new_one_never_a_running_one(no_ray_start: list) -> None:
+    """ray.init() without an address joins a Ray instance already running on the machine (`ray start`, a
+    cluster in /tmp/ray/ray_current_cluster): an embedded sweep must start its own instead."""
+    local.connect()
+    (call,) = no_ray_start
+    assert call["address"] == "local" and call["include_dashboard"] is True
+
+
+def test_an_address_is_joined_as_given(no_ray_start: list) -> None:
+    local.connect("auto")
+    (call,) = no_ray_start
+    assert call["address"] == "auto"
