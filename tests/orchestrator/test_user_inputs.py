@@ -97,7 +97,12 @@ def _failing_spec(tmp_path: Path, methods: list[str], trials: int) -> Path:
                 "name": "fail",
                 "data": {"max_eval_examples": 8},
                 "methods": [{"name": m, "lr_min": 1e-3, "lr_max": 1e-2, "ranks": [4]} for m in methods],
-                "search": {"trials_per_method": trials, "n_startup_trials": trials, "confirm_seeds": 0},
+                "search": {
+                    "trials_per_method": trials,
+                    "n_startup_trials": trials,
+                    "confirm_seeds": 0,
+                    "early_stopping": "none",  # ASHA would stop some at the step-3 rung, before the crash
+                },
                 "training": TRAINING,
                 "resources": {"cpus_per_worker": 0.9, "max_worker_restarts": 0},
                 "tracking": {"root": str(tmp_path / "runs")},
