@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+from peftsweep.trainables.assets import (  # noqa: F401 (re-exported: the asset paths' old home)
+    ASSETS_DIR,
+    DEFAULT_MODEL,
+    DEFAULT_TASK,
+    builtin_model_dir,
+    builtin_task_dir,
+)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # pad first so that id 0 is padding, as embedding code usually assumes
@@ -30,8 +36,6 @@ VOCAB = SPECIAL_TOKENS + CHARS
 
 MAX_LENGTH = 32  # longest sequence the tiny model sees: BOS + 6 prompt + 3 answer + EOS = 11, with headroom
 
-DEFAULT_MODEL = "tiny-arith"  # the only built-in base model
-DEFAULT_TASK = "arith-sub"  # the built-in fine-tuning task
 PRETRAIN_HELDOUT = 500  # 5 % of the 10,000 additions: enough for a ±1 % exact-match estimate, rest trains
 TASK_EVAL_SIZE = 250  # eval rows of arith-sub: ±3 % standard error at 50 % exact match, evaluates in < 1 s
 
@@ -135,28 +139,6 @@ def write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- asset paths
-
-
-def builtin_model_dir(name: str = DEFAULT_MODEL) -> Path:
-    """Directory of a packaged base model, loadable with ``AutoModelForCausalLM.from_pretrained``."""
-    path = ASSETS_DIR / "models" / name
-    if not (path / "config.json").is_file():
-        have = sorted(p.name for p in (ASSETS_DIR / "models").glob("*") if p.is_dir())
-        raise FileNotFoundError(
-            f"no built-in model {name!r} at {path} (available: {have}); run scripts/build_assets.py"
-        )
-    return path
-
-
-def builtin_task_dir(name: str = DEFAULT_TASK) -> Path:
-    """Directory of a packaged task holding ``train.jsonl`` and ``eval.jsonl``."""
-    path = ASSETS_DIR / "tasks" / name
-    if not path.is_dir():
-        have = sorted(p.name for p in (ASSETS_DIR / "tasks").glob("*") if p.is_dir())
-        raise FileNotFoundError(
-            f"no built-in task {name!r} at {path} (available: {have}); run scripts/build_assets.py"
-        )
-    return path
 
 
 # --------------------------------------------------------------------------------------------- base model

@@ -42,7 +42,7 @@ def json_reason(exc: ValueError | RecursionError) -> str:
 def resolve_task_dir(task: str) -> Path:
     """Absolute directory of a task: ``builtin:NAME`` -> packaged dir, else a local dir with both splits."""
     if task.startswith(BUILTIN_PREFIX):
-        from peftsweep.trainables.builtin import builtin_task_dir
+        from peftsweep.trainables.assets import builtin_task_dir
 
         try:
             path = builtin_task_dir(task[len(BUILTIN_PREFIX) :])

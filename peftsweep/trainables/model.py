@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def resolve_base_model(name: str) -> str:
     """`builtin:NAME` → the packaged checkpoint dir; anything else goes to `from_pretrained` unchanged."""
     if name.startswith("builtin:"):
-        from peftsweep.trainables.builtin import builtin_model_dir
+        from peftsweep.trainables.assets import builtin_model_dir
 
         return str(builtin_model_dir(name.removeprefix("builtin:")))
     return name
