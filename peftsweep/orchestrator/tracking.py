@@ -48,7 +48,7 @@ CHALLENGER_ALIAS = "challenger"  # a new best that did not pass the promotion ga
 PROMOTION_TAG = "peftsweep.promotion"  # the gate's reason, on the sweep run and the new version
 NODE_TAG, HOST_TAG = "peftsweep.node_id", "peftsweep.host"  # where the trial's rank 0 trained (latest)
 NIGHTLY_TAG = "peftsweep.nightly"  # the UTC date (YYYY-MM-DD) of a `run --nightly` sweep run
-DRILL_TAG = "peftsweep.drill"  # kind@step of the reliability drill injected into the trial (tests only)
+DRILL_TAG = "peftsweep.drill"  # the reliability drill injected into the trial (`Fault.label`; tests only)
 ADAPTER_ARTIFACT = "adapter"
 
 
@@ -241,7 +241,7 @@ class SweepTracker:
                 METHOD_TAG: method,
                 ROLE_TAG: trial.role,
                 "peftsweep.trial_id": trial.trial_id,
-                **({DRILL_TAG: f"{trial.fault.kind}@{trial.fault.step}"} if trial.fault else {}),
+                **({DRILL_TAG: trial.fault.label()} if trial.fault else {}),
             },
         ).info.run_id
         params = {

@@ -215,15 +215,59 @@ class DeepSpeedEngine:
         self._engine.save_checkpoint(str(state_dir), tag=_DS_TAG, exclude_frozen_parameters=True)
 
     def load_state(self, state_dir: Path) -> None:
-        load_path, _ = self._engine.load_checkpoint(
-            str(state_dir),
-            tag=_DS_TAG,
-            load_module_strict=False,  # the checkpoint holds only the trainable parameters
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        """DeepSpeed's own loader, forced weights-only (see `weights_only_loads`): the resume state lies under
+        the shared ``tracking.root``, and DeepSpeed unpickles it with ``torch.load(weights_only=False)``."""
+        with weights_only_loads(deepspeed_checkpoint_globals()):
+            load_path, _ = self._engine.load_checkpoint(
+                str(state_dir),
+                tag=_DS_TAG,
+                load_module_strict=False,  # the checkpoint holds only the trainable parameters
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
         if load_path is None:
             raise RuntimeError(f"{state_dir}: DeepSpeed could not load checkpoint tag {_DS_TAG!r}")
+
+
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads it at every call
+
+
+def deepspeed_checkpoint_globals() -> list[Any]:
+    """The non-torch classes a DeepSpeed ZeRO checkpoint of ours pickles (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on checkpoints written by `save_state` at ZeRO
+    0-3, fp32 and bf16, AdamW and SL-SAM): plain data holders without ``__setstate__`` or ``__reduce__``, so
+    unpickling them runs no code. `DynamicLossScaler` is fp16's (GPU) counterpart of `LossScaler`."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextmanager
+def weights_only_loads(allowed: list[Any]) -> Iterator[None]:
+    """Every ``torch.load`` inside — a third party's too, whatever ``weights_only`` it passes — uses torch's
+    restricted unpickler, which accepts tensors, containers, numbers and the ``allowed`` classes and refuses
+    any other global (a planted ``__reduce__`` raises ``UnpicklingError`` instead of running).
+
+    Why not trust the files: they lie under the shared ``tracking.root``, and whoever can write there would
+    otherwise run code in every worker that resumes. Why not an HMAC over them: its key would have to reach
+    restarted Ray Train workers and a resumed driver without ever sitting under ``tracking.root``; refusing
+    code in the format needs no secret. (One process runs one trial, so the process-wide variable is ours
+    while the block runs; a concurrent ``torch.load`` elsewhere would only be stricter.)
+    """
+    import torch
+
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
 
 
 def load_deepspeed_ops() -> None:

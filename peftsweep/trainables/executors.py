@@ -59,8 +59,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     marker = trial.run_dir / _OOM_MARKER
     if marker.is_file():  # an earlier attempt ran out of memory: every rank reports that once, no training
-        reason = json.loads(marker.read_text())["reason"]
-        send(failed_metrics(trial.spec, reason, step=0) | _where(), None)
+        verdict = json.loads(marker.read_text())
+        send(failed_metrics(trial.spec, verdict["reason"], step=verdict.get("step", 0)) | _where(), None)
         return
     try:
         _run_watched(trial, send, ray.train.get_checkpoint(), settle_s=TRAIN_SETTLE_S)
@@ -68,7 +68,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # The other ranks wait in a collective this one will never join, so the group must fail; the marker
         # turns the restart into a failed trial instead of a second attempt at the same config.
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"reason": str(exc)}))
+        marker.write_text(json.dumps({"reason": exc.reason, "step": exc.step}))
         raise
 
 

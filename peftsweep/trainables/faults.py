@@ -7,7 +7,11 @@ SIGKILLs its worker after its step-5 report. A rule fires once per trial (a mark
 storage remembers it across worker restarts), so a drill shows what recovery does. Kinds:
 
 - ``nan``: the loss is NaN from ``step`` on (the divergence guard must stop the trial);
-- ``oom``: an out-of-memory error at ``step`` (the trial must fail with that reason, not be retried);
+- ``oom``: an out-of-memory error at ``step`` (the trial must fail with that reason, not be retried), in the
+  rule's ``phase``: ``forward`` (the forward/backward pass, the default), ``optimizer`` (inside the optimizer
+  step, where the optimizer's state is first allocated), ``eval`` or ``export`` (the first eval point at or
+  after ``step``: its evaluation, or the adapter export); with ``rank``, only on that worker (a real OOM hits
+  one rank first while the others wait in a collective);
 - ``crash``: a Python exception after the report at ``step`` (Ray Train restarts the workers);
 - ``kill``: SIGKILL of the worker process after the report at ``step`` (likewise);
 - ``hang``: the worker stops reporting after ``step`` (the watchdog must kill it; then as ``kill``).
@@ -30,6 +34,8 @@ from typing import Any, Literal
 FAULTS_ENV = "PEFTSWEEP_FAULTS"
 Kind = Literal["nan", "oom", "crash", "kill", "hang"]
 _KINDS = ("nan", "oom", "crash", "kill", "hang")
+Phase = Literal["forward", "optimizer", "eval", "export"]  # where an `oom` drill strikes
+PHASES = ("forward", "optimizer", "eval", "export")
 # Ray Train V2's controller collects workers' reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (0.25 s in a
 # sweep, orchestrator/trial.py); a worker killed before that loses its last report (and the checkpoint with
 # it). A crash/kill drill in a Ray Train worker waits this long after its report, so it tests the recovery
@@ -45,9 +51,16 @@ class Fault:
     kind: Kind
     step: int
     marker: str = ""  # created when the fault fires, so that it fires once per trial, restarts included
+    phase: Phase = "forward"  # oom only: where in the loop
+    rank: int | None = None  # oom only: the one worker it strikes (None: every worker)
 
     def to_config(self) -> dict[str, Any]:
         return asdict(self)
+
+    def label(self) -> str:
+        """``kind@step``, then ``/phase`` and ``#rankN`` where an oom drill sets them (the trial's tag)."""
+        phase = f"/{self.phase}" if self.phase != "forward" else ""
+        return f"{self.kind}@{self.step}{phase}" + (f"#rank{self.rank}" if self.rank is not None else "")
 
     def armed(self) -> bool:
         return not (self.marker and Path(self.marker).exists())
@@ -72,10 +85,18 @@ def faults_from_env(environ: dict[str, str] | None = None) -> list[dict[str, Any
     if not isinstance(rules, list):
         raise ValueError(f"{FAULTS_ENV}: expected a JSON list of rules")
     for i, rule in enumerate(rules):
-        valid = isinstance(rule, dict) and rule.get("kind") in _KINDS and isinstance(rule.get("step"), int)
+        valid = (
+            isinstance(rule, dict)
+            and rule.get("kind") in _KINDS
+            and isinstance(rule.get("step"), int)
+            and rule.get("phase", "forward") in PHASES
+            and isinstance(rule.get("rank", 0), int)
+            and (rule["kind"] == "oom" or not {"phase", "rank"} & set(rule))
+        )
         if not valid:
             raise ValueError(
-                f"{FAULTS_ENV}[{i}]: expected {{'method', 'trial', 'kind': one of {_KINDS}, 'step': int}}"
+                f"{FAULTS_ENV}[{i}]: expected {{'method', 'trial', 'kind': one of {_KINDS}, 'step': int}}, "
+                f"and for 'oom' optionally 'phase': one of {PHASES} and 'rank': int"
             )
     return rules
 
@@ -84,7 +105,9 @@ def fault_for(rules: list[dict[str, Any]], method: str, index: int) -> Fault | N
     """The first rule matching this method and trial index (a rule without either matches any)."""
     for rule in rules:
         if rule.get("method", method) == method and rule.get("trial", index) == index:
-            return Fault(rule["kind"], rule["step"])
+            return Fault(
+                rule["kind"], rule["step"], phase=rule.get("phase", "forward"), rank=rule.get("rank")
+            )
     return None
 
 

@@ -91,7 +91,8 @@ class Recipe:
     window: list[float] = field(default_factory=list)  # train losses since the last eval point
     accum: Any = None  # (task loss, objective, guarded) summed over the micro-batches of the current step
     setup_s: float = 0.0  # seconds from the trial's start to its first training step (model, adapter, data)
-    phase: str = "set-up"  # where the trial is (named when it runs out of memory)
+    phase: str = "set-up"  # where the trial is (named when it runs out of memory) ...
+    at_step: int = 0  # ... and the optimizer step it belongs to (0: set-up)
 
     @property
     def spec(self) -> SweepSpec:
@@ -99,7 +100,12 @@ class Recipe:
 
 
 class OutOfMemory(RuntimeError):
-    """The trial ran out of accelerator (or host) memory: deterministic for its config, so never retried."""
+    """The trial ran out of accelerator (or host) memory: deterministic for its config, so never retried.
+    ``reason`` names the phase and step; ``step``: the optimizer steps done before it."""
+
+    def __init__(self, reason: str, step: int) -> None:
+        super().__init__(reason)
+        self.reason, self.step = reason, step
 
 
 def run_trial(
@@ -132,14 +138,20 @@ def run_trial(
             train(recipe, report, watch)
         except torch.OutOfMemoryError as exc:
             step = recipe.progress.step if recipe is not None else 0
-            where = recipe.phase if recipe is not None else "set-up"
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            reason = f"out of memory in {where} at step {step + 1}: {first}"
+            reason = _oom_reason(recipe, exc)
             if _world_size() > 1:
-                raise OutOfMemory(reason) from exc
+                raise OutOfMemory(reason, step) from exc
             # Deterministic for this (method, rank, batch): a restart would only hit it again. A failed
             # trial with the worst score, so neither a retry nor the sampler repeats this config.
             report(failed_metrics(trial.spec, reason, step=step), None)
+
+
+def _oom_reason(recipe: Recipe | None, exc: BaseException) -> str:
+    """ "out of memory in <phase> at step <n>: <the error's first line>" (no step during set-up)."""
+    where = recipe.phase if recipe is not None else "set-up"
+    at = f" at step {recipe.at_step}" if recipe is not None and recipe.at_step else ""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"out of memory in {where}{at}: {first}"
 
 
 def _world_size() -> int:
@@ -363,12 +375,12 @@ def _micro_step(recipe: Recipe, batch: dict[str, Any]) -> tuple[float, float, fl
     import torch
 
     engine, fault = recipe.engine, recipe.trial.fault
-    recipe.phase = "the training step"
+    step = recipe.progress.step + 1
+    recipe.phase, recipe.at_step = "the forward/backward pass", step
     tick = time.perf_counter()
     recipe.stats["tokens"] += int(batch["attention_mask"].sum())
     batch = {k: v.to(engine.device) for k, v in batch.items()}
-    step = recipe.progress.step + 1
-    _inject_oom(fault, step)
+    _inject_oom(recipe, "forward")
     forward = engine if recipe.sam is None else engine.module
     objective, task, guarded = _losses(recipe, batch, forward)
     if fault is not None and fault.kind == "nan" and step >= fault.step:
@@ -385,6 +397,9 @@ def _micro_step(recipe: Recipe, batch: dict[str, Any]) -> tuple[float, float, fl
     boundary = engine.boundary()
     if boundary and recipe.method.after_backward:
         recipe.method.after_backward(engine.module, step)
+    if boundary:  # the optimizer steps (its state is allocated at the first one)
+        recipe.phase = "the optimizer step"
+        _inject_oom(recipe, "optimizer")
     engine.step()
     recipe.stats["micro"] += 1
     recipe.stats["seconds"] += time.perf_counter() - tick
@@ -421,7 +436,8 @@ def _eval_point(recipe: Recipe, report: Reporter) -> None:
     """Evaluate, export the adapter and the resume state into a checkpoint directory, report both."""
     spec, progress = recipe.spec, recipe.progress
     final = progress.step == spec.training.max_steps
-    recipe.phase = "the eval point"
+    recipe.phase, recipe.at_step = "the eval point", progress.step
+    _inject_oom(recipe, "eval")
     metrics = _evaluate(recipe, final)
     metrics |= {
         STEP: progress.step,
@@ -440,6 +456,7 @@ def _eval_point(recipe: Recipe, report: Reporter) -> None:
     recipe.window, recipe.stats = [], _fresh_stats()
     with tempfile.TemporaryDirectory(prefix="peftsweep-ckpt-") as ckpt:
         recipe.phase = "the adapter export"
+        _inject_oom(recipe, "export")
         metrics["adapter_bytes"] = _export(recipe, Path(ckpt))
         _save_state(recipe, Path(ckpt))
         report(metrics, Path(ckpt))
@@ -578,10 +595,17 @@ def diverged_metrics(spec: SweepSpec, step: int, loss: float) -> dict[str, float
     return metrics
 
 
-def _inject_oom(fault: Any, step: int) -> None:
-    """An injected out-of-memory error at the fault's step (reliability drills)."""
-    if fault is not None and fault.kind == "oom" and step == fault.step:
-        import torch
+def _inject_oom(recipe: Recipe, phase: str) -> None:
+    """An injected out-of-memory error in the fault's phase (`faults.Fault`), at its step or the first eval
+    point after it, on its rank or every rank (reliability drills)."""
+    fault = recipe.trial.fault
+    if fault is None or fault.kind != "oom" or fault.phase != phase or recipe.at_step < fault.step:
+        return
+    if fault.rank is not None and fault.rank != recipe.rank_id:
+        return
+    import torch
 
-        fault.fire()
-        raise torch.OutOfMemoryError(f"injected fault: CUDA out of memory at step {step}")
+    fault.fire()
+    raise torch.OutOfMemoryError(
+        f"injected fault: CUDA out of memory in {phase} at step {recipe.at_step} on rank {recipe.rank_id}"
+    )

@@ -109,7 +109,7 @@ def test_nan_loss_is_diverged_at_once(drill: dict[str, Any]) -> None:
 def test_out_of_memory_fails_the_trial_with_its_reason_and_is_not_retried(drill: dict[str, Any]) -> None:
     run = drill["by_index"][1]
     assert run.info.status == "FAILED" and run.data.tags[OUTCOME_TAG] == "failed"
-    assert "out of memory in the training step at step 4" in run.data.tags[FAILURE_TAG]
+    assert "out of memory in the forward/backward pass at step 4" in run.data.tags[FAILURE_TAG]
     assert _steps(drill, 1, "oom") == [3]  # reported once: no worker restart at the same config
     # Optuna holds it as the worst result, so the sampler steers away from the config instead of re-trying it.
     storage = optuna.storages.RDBStorage(drill["spec"].tracking.optuna_storage_url())

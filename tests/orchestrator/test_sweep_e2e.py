@@ -180,7 +180,7 @@ def test_best_command_prints_the_champion(sweep: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-def test_a_second_night_continues_the_studies(sweep: dict[str, Any]) -> None:
+def test_a_second_night_continues_the_studies(sweep: dict[str, Any], tmp_path: Path) -> None:
     """`run --nightly` of the same spec: TRIALS more trials in each method's study (TPE warm from the first
     night's), those kept as they were, a second sweep run tagged with the UTC date on the same data version,
     the champion changed only through the gate, the lock released. It runs the module's sweep again, so it
@@ -191,6 +191,7 @@ def test_a_second_night_continues_the_studies(sweep: dict[str, Any]) -> None:
 
     client, spec = sweep["client"], sweep["spec"]
     storage = spec.tracking.optuna_storage_url()
+    first_champion = client.get_model_version_by_alias(spec.name, "champion")
 
     def studies() -> dict[str, list[tuple]]:
         return {
@@ -220,10 +221,49 @@ def test_a_second_night_continues_the_studies(sweep: dict[str, Any]) -> None:
     first, night = sweeps
     assert "peftsweep.nightly" not in first.data.tags
     assert night.data.tags["peftsweep.nightly"] in days and night.info.status == "FINISHED"
-    assert "peftsweep.promotion" in night.data.tags  # the gate ran on the night's best
     inputs = [client.get_run(r.info.run_id).inputs.dataset_inputs for r in sweeps]
     (a,), (b,) = inputs
     assert a.dataset.name == b.dataset.name == spec.data.task
     assert a.dataset.digest == b.dataset.digest  # same files, spec and tokenizer: same data version
-    assert client.get_model_version_by_alias(spec.name, "champion") is not None
     assert read_lock(spec) is None
+    _the_champion_changed_only_through_the_gate(spec, client, night, first_champion, tmp_path)
+
+
+def _the_champion_changed_only_through_the_gate(
+    spec: SweepSpec, client: MlflowClient, night: Any, first_champion: Any, tmp_path: Path
+) -> None:
+    """The gate's decision, re-made here (both adapters evaluated on the same held-out rows, the margin
+    applied), is the one the night recorded, and the aliases follow it: promoted → ``champion`` is the
+    night's version; not → ``champion`` stays the first night's and ``challenger`` is the night's."""
+    import json
+
+    from peftsweep.orchestrator.promotion import decide
+    from peftsweep.trainables.metrics import evaluate_adapter
+    from peftsweep.trainables.prepared import prepare_data
+
+    summary_file = client.download_artifacts(night.info.run_id, "summary.json", str(tmp_path))
+    summary = json.loads(Path(summary_file).read_text())
+    promoted = summary["promotion"]["promoted"]
+    alias = "champion" if promoted else "challenger"
+    assert night.data.tags["peftsweep.promotion"] == f"{alias}: {summary['promotion']['reason']}"
+    new = client.get_model_version(spec.name, summary[alias]["version"])
+    method = summary[alias]["method"]
+    assert new.tags["peftsweep.method"] == method and new.run_id != first_champion.run_id
+    assert client.get_model_version_by_alias(spec.name, f"best-{method}").version == new.version  # tonight's
+
+    data_dir = str(prepare_data(spec))  # the sweep's cached prepared data
+    scores = {}
+    for role, run_id in (("new", new.run_id), ("champion", first_champion.run_id)):
+        adapter = client.download_artifacts(run_id, "adapter", str(tmp_path / role))
+        scores[role] = evaluate_adapter(spec, data_dir, adapter)[spec.search.metric]
+    expected = decide(scores["new"], scores["champion"], spec.search.direction, spec.search.promotion_margin)
+    assert promoted is expected, (scores, summary["promotion"])
+    assert f"{scores['new']:.4f}" in summary["promotion"]["reason"]  # the gate scored the same adapter
+    assert f"{scores['champion']:.4f}" in summary["promotion"]["reason"]
+
+    champion = client.get_model_version_by_alias(spec.name, "champion")
+    if expected:
+        assert champion.version == new.version
+    else:
+        assert champion.version == first_champion.version  # untouched
+        assert client.get_model_version_by_alias(spec.name, "challenger").version == new.version

@@ -28,7 +28,15 @@ def test_no_drill_unless_the_environment_asks() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["{not json", '{"kind": "nan", "step": 1}', '[{"kind": "melt", "step": 1}]', '[{"kind": "nan"}]'],
+    [
+        "{not json",
+        '{"kind": "nan", "step": 1}',
+        '[{"kind": "melt", "step": 1}]',
+        '[{"kind": "nan"}]',
+        '[{"kind": "oom", "step": 1, "phase": "lunch"}]',
+        '[{"kind": "oom", "step": 1, "rank": "0"}]',
+        '[{"kind": "nan", "step": 1, "phase": "eval"}]',  # phase and rank are the oom drill's
+    ],
 )
 def test_a_malformed_drill_is_an_error_not_a_silent_no_op(raw: str) -> None:
     with pytest.raises(ValueError, match=FAULTS_ENV):
@@ -48,6 +56,14 @@ def test_rules_match_method_and_trial_index() -> None:
     assert fault_for(rules, "lora", 2) == Fault("nan", 2)
     assert fault_for(rules[:1], "dora", 1) is None
     assert fault_for(rules[:1], "lora", -1) is None  # unknown order: no targeted rule matches
+
+
+def test_an_oom_rule_names_its_phase_and_rank() -> None:
+    rules = [{"kind": "oom", "step": 3, "phase": "optimizer", "rank": 1}, {"kind": "oom", "step": 4}]
+    rules = faults_from_env({FAULTS_ENV: json.dumps(rules)})
+    assert fault_for(rules, "lora", 0) == Fault("oom", 3, phase="optimizer", rank=1)
+    assert fault_for(rules[1:], "lora", 0) == Fault("oom", 4, phase="forward", rank=None)  # every rank
+    assert [fault_for([r], "lora", 0).label() for r in rules] == ["oom@3/optimizer#rank1", "oom@4"]
 
 
 def test_crash_fires_only_at_its_step() -> None:

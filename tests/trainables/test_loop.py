@@ -16,7 +16,7 @@ from peftsweep.trainables.executors import train_loop_per_worker
 from peftsweep.trainables.faults import Fault
 from peftsweep.trainables.loop import run_trial
 from peftsweep.trainables.trial_config import TRIAL_KEY, standalone_trial
-from peftsweep.vocab import TRAINER_STATE
+from peftsweep.vocab import FAILURE_KEY, TRAINER_STATE
 
 
 def _spec(tmp_path: Path, workers: int = 1, **training: object) -> SweepSpec:
@@ -86,6 +86,81 @@ def test_a_crashed_worker_group_resumes_from_its_last_checkpoint(ray_session: No
     assert result.error is None and result.metrics["step"] == 20
     progress = json.loads((Path(result.checkpoint.path) / TRAINER_STATE / "progress.json").read_text())
     assert progress["resumed_from_step"] == 10 and len(progress["history"]) == 20
+
+
+# An `oom` drill at step 3 (eval points at 2, 4, 6) → the phase the failure names, the step it names, and the
+# optimizer steps done when it struck (the failed report's step).
+OOM_PHASES = {
+    "forward": ("the forward/backward pass", 3, 2),
+    "optimizer": ("the optimizer step", 3, 2),  # where AdamW first allocates its moments
+    "eval": ("the eval point", 4, 4),  # the first eval point at or after step 3
+    "export": ("the adapter export", 4, 4),
+}
+
+
+@pytest.mark.parametrize("phase", list(OOM_PHASES))
+def test_out_of_memory_in_any_phase_fails_the_trial_naming_the_phase(phase: str, tmp_path: Path) -> None:
+    """One worker: the OOM is reported once as a failed trial (worst score, no checkpoint, the phase and step
+    named) and the loop ends there: no retry, no further step."""
+    spec = _spec(tmp_path, max_steps=6, eval_every=2)
+    trial = replace(standalone_trial(spec, "lora", 1e-2, 4, 0), fault=Fault("oom", 3, phase=phase))  # type: ignore[arg-type]
+    reports: list[tuple[dict, Path | None]] = []
+    run_trial(trial, lambda metrics, ckpt: reports.append((metrics, ckpt)))
+    where, at, done = OOM_PHASES[phase]
+    *before, (failed, ckpt) = reports
+    assert [m["step"] for m, _ in before] == [2] and all(c is not None for _, c in before)
+    assert failed[FAILURE_KEY].startswith(f"out of memory in {where} at step {at}: injected fault")
+    assert failed["oom"] == 1.0 and failed["step"] == done and ckpt is None
+    assert failed["exact_match"] == 0.0 and failed["eval_loss"] == math.inf  # the worst score
+
+
+@pytest.mark.parametrize(
+    ("phase", "rank"), [("optimizer", 1), ("export", 0)], ids=["optimizer-rank1", "export-rank0"]
+)
+def test_out_of_memory_on_one_of_two_workers_fails_the_trial_without_retraining(
+    phase: str, rank: int, ray_session: None, tmp_path: Path
+) -> None:
+    """Two Ray Train workers (DeepSpeed ZeRO-2), one runs out of memory while the other waits in a
+    collective: the group fails, Ray Train restarts it (max_failures=1), and the restart reads the verdict
+    the failing rank left and reports the trial failed instead of training it again. Had it trained again,
+    the drill (which fires once per trial) would not strike and the result would be step 6."""
+    import ray.train
+    from ray.train import UserCallback
+    from ray.train.torch import TorchTrainer
+
+    log = tmp_path / "reports.jsonl"
+
+    class Reports(UserCallback):  # on the Ray Train controller: every report of rank 0, in order
+        def after_report(self, run_context: object, metrics: list[dict], checkpoint: object) -> None:
+            with open(log, "a") as out:
+                out.write(json.dumps(metrics[0], default=str) + "\n")
+
+    spec = _spec(tmp_path, workers=2, max_steps=6, eval_every=2)
+    fault = Fault("oom", 3, marker=str(tmp_path / "fired"), phase=phase, rank=rank)  # type: ignore[arg-type]
+    trial = replace(standalone_trial(spec, "lora", 5e-3, 4, 0), trial_id=f"oom-{phase}", fault=fault)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={TRIAL_KEY: trial},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.45}),
+        run_config=ray.train.RunConfig(
+            name=f"oom-{phase}",
+            storage_path=str(tmp_path / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=1),
+            callbacks=[Reports()],
+        ),
+    )
+    result = trainer.fit()
+    assert result.error is None
+    where, at, done = OOM_PHASES[phase]
+    reports = [json.loads(line) for line in log.read_text().splitlines()]
+    # The last report, and the only failed one; nothing trained past the OOM (an eval at step 2 may come
+    # first, or be lost with the failed group).
+    *before, failed = reports
+    assert [r["step"] for r in before] in ([], [2]) and not any(r.get("oom") for r in before)
+    assert failed["oom"] == 1.0 and failed["step"] == done
+    reason = failed[FAILURE_KEY]
+    assert reason.startswith(f"out of memory in {where} at step {at}:") and f"on rank {rank}" in reason
+    assert json.loads((trial.run_dir / "out-of-memory.json").read_text()) == {"reason": reason, "step": done}
 
 
 def test_divergence_guard_reports_worst_score_and_stops(tmp_path: Path) -> None:
