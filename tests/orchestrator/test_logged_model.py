@@ -134,3 +134,30 @@ def test_a_peft_adapter_on_a_local_base_loads_through_the_transformers_flavour(t
         pipe = mlflow.transformers.load_model(uri, base_model_path=str(moved))
         with torch.no_grad():
             assert torch.allclose(pipe.model(**batch).logits, want, atol=1e-6)
+
+
+def test_a_model_that_cannot_be_logged_still_registers_the_adapter(tmp_path: Path) -> None:
+    """A hub base with the hub unreachable (HF_HUB_OFFLINE here): no MLflow model, but the version is
+    registered all the same, pointing at the run's adapter files, and says why."""
+    from peftsweep.orchestrator.champion import champion_info
+    from peftsweep.orchestrator.promotion import GateDecision
+    from peftsweep.orchestrator.tracking import FLAVOR_TAG, SweepTracker
+    from peftsweep.trainables.trial_config import TrialConfig
+
+    spec = _spec(tmp_path, "lora", "org/unreachable-model")
+    export = tmp_path / "ckpt"
+    export.mkdir()
+    (export / "adapter_config.json").write_text("{}")
+    tracker = SweepTracker(spec)
+    tracker.start_method("lora")
+    record = tracker.start_trial(TrialConfig(spec, "lora", 1e-3, 4, 0, tmp_path, trial_id="t0"))
+    tracker.log_result(record, {"step": 30, "exact_match": 0.5, "eval_loss": 1.0})
+    tracker.finish_trial(record, str(export))
+    name, champion, _ = tracker.register(lambda name, run_id: GateDecision(True, "test"))
+
+    version = tracker.client.get_model_version_by_alias(name, "champion")
+    assert version.source == f"runs:/{champion.run_id}/adapter"
+    why = version.tags[FLAVOR_TAG]
+    assert why.startswith("none: OSError: ") and len(why) > 20, why  # the hub lookup's error, in one line
+    info = champion_info(spec)
+    assert info["load"] == version.tags[FLAVOR_TAG]
