@@ -296,9 +296,9 @@ class TrainingSpec(_Strict):
     # bench/engine.py, no JIT-op lock), DeepSpeed where it does something: several workers, ZeRO-3, offload,
     # bf16/fp16. torch | deepspeed force one (torch only with one worker per trial).
     engine: Literal["auto", "torch", "deepspeed"] = "auto"
-    # Recompute each block's activations in the backward pass instead of keeping them: activation memory no
-    # longer grows with depth × max_length, which is what lets a big base or long rows fit, for ~30 % more
-    # compute per step. Off: the built-in tiny model needs no saving. Same losses either way.
+    # Recompute each block's activations in the backward pass instead of keeping them: the kept activations
+    # shrink to one per block, which is what lets a big base or long rows fit, for one more forward pass per
+    # step. Off: the built-in tiny model needs no saving. Same losses either way.
     gradient_checkpointing: bool = False
     # The base's attention kernel (from_pretrained's attn_implementation). None: transformers' default (sdpa
     # where the architecture has it, else eager). flash_attention_2 needs CUDA, bf16/fp16 and flash-attn.
