@@ -296,6 +296,13 @@ class TrainingSpec(_Strict):
     # bench/engine.py, no JIT-op lock), DeepSpeed where it does something: several workers, ZeRO-3, offload,
     # bf16/fp16. torch | deepspeed force one (torch only with one worker per trial).
     engine: Literal["auto", "torch", "deepspeed"] = "auto"
+    # Recompute each block's activations in the backward pass instead of keeping them: the kept activations
+    # shrink to one per block, which is what lets a big base or long rows fit, for one more forward pass per
+    # step. Off: the built-in tiny model needs no saving. Same losses either way.
+    gradient_checkpointing: bool = False
+    # The base's attention kernel (from_pretrained's attn_implementation). None: transformers' default (sdpa
+    # where the architecture has it, else eager). flash_attention_2 needs CUDA, bf16/fp16 and flash-attn.
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
 
     @model_validator(mode="after")
     def _eval_fits(self) -> TrainingSpec:
@@ -497,6 +504,16 @@ class SweepSpec(_Strict):
                 "training.engine: 'torch' trains fp32 without ZeRO-3 or offload; resources ask for "
                 f"zero_stage {res.zero_stage}, offload_optimizer {res.offload_optimizer}, precision "
                 f"{res.precision!r}: use 'deepspeed' (or 'auto')"
+            )
+        if tr.attn_implementation == "flash_attention_2" and res.gpus_per_worker == 0:
+            problems.append(
+                "training.attn_implementation: 'flash_attention_2' runs only on CUDA GPUs, but "
+                "resources.gpus_per_worker is 0; use 'sdpa' (or leave it unset) on CPU"
+            )
+        elif tr.attn_implementation == "flash_attention_2" and res.precision == "fp32":
+            problems.append(
+                "training.attn_implementation: 'flash_attention_2' computes in bf16/fp16 only, but "
+                "resources.precision is 'fp32'; set resources.precision: bf16 (or use 'sdpa')"
             )
         per_step = tr.batch_size * res.workers_per_trial
         if tr.global_batch_size is not None and tr.global_batch_size % per_step:

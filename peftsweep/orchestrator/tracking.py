@@ -8,6 +8,7 @@ trial into a model version and aliases the overall best as `champion`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -38,6 +39,8 @@ from peftsweep.vocab import (
 if TYPE_CHECKING:
     from peftsweep.orchestrator.promotion import GateDecision
 
+_log = logging.getLogger(__name__)
+
 LEVEL_TAG = "peftsweep.level"  # sweep | method | trial
 METHOD_TAG = "peftsweep.method"
 ROLE_TAG = "peftsweep.role"  # search | confirm
@@ -50,6 +53,9 @@ NODE_TAG, HOST_TAG = "peftsweep.node_id", "peftsweep.host"  # where the trial's 
 NIGHTLY_TAG = "peftsweep.nightly"  # the UTC date (YYYY-MM-DD) of a `run --nightly` sweep run
 DRILL_TAG = "peftsweep.drill"  # the reliability drill injected into the trial (`Fault.label`; tests only)
 ADAPTER_ARTIFACT = "adapter"
+# A version's MLflow model flavour (transformers | python_function), or "none: <why>" when it could not be
+# logged and the version's source is the run's adapter artifact instead (orchestrator/logged_model.py).
+FLAVOR_TAG = "peftsweep.flavor"
 
 
 @dataclass
@@ -379,6 +385,15 @@ class SweepTracker:
         """One model version per method's representative trial (alias `best-<method>`); the best-scored
         method's becomes `champion` if ``gate(registry_name, run_id)`` promotes it, else `challenger`.
         Everything here reads `scoring`, like the final table, the report and `peftsweep best`."""
+        from peftsweep.orchestrator.logged_model import tracking_uri
+
+        # MLflow's own URI: its sqlalchemy registry resolves a version's models:/ source through it
+        with tracking_uri(self.spec.tracking.mlflow_tracking_uri()):
+            return self._register(gate)
+
+    def _register(
+        self, gate: Callable[[str, str], GateDecision]
+    ) -> tuple[str, TrialRecord, GateDecision] | None:
         bests = {m.name: b for m in self.spec.methods if (b := self.best_trial(m.name)) is not None}
         leader = self.champion_method()
         if not bests or leader not in bests:
@@ -391,10 +406,12 @@ class SweepTracker:
         for method, rec in bests.items():
             score = self.method_score(method)
             assert score is not None  # a representative trial exists only for a scored method
+            source, model_id, flavour = self._log_model(rec)
             version = self.client.create_model_version(
                 name,
-                source=f"runs:/{rec.run_id}/{ADAPTER_ARTIFACT}",
+                source=source,
                 run_id=rec.run_id,
+                model_id=model_id,
                 tags={
                     METHOD_TAG: method,
                     "lr": str(rec.lr),
@@ -406,6 +423,7 @@ class SweepTracker:
                     # what the method costs, next to what it scores
                     "trainable_params": str(int(rec.metrics.get("trainable_params", 0))),
                     "adapter_bytes": str(int(rec.metrics.get("adapter_bytes", 0))),
+                    FLAVOR_TAG: flavour,
                 },
             ).version
             self.client.set_registered_model_alias(name, f"best-{method}", version)
@@ -438,6 +456,29 @@ class SweepTracker:
         self.client.log_text(self.sweep_run_id, json.dumps(summary, indent=2), "summary.json")
         self.client.set_tag(self.sweep_run_id, f"peftsweep.{alias}_method", champion.method)
         return name, champion, decision
+
+    def _log_model(self, rec: TrialRecord) -> tuple[str, str | None, str]:
+        """The trial's adapter as an MLflow model (`logged_model`): (version source, model id, flavour).
+
+        A model that cannot be logged (e.g. a hub base while the hub is unreachable: MLflow pins the base's
+        commit) does not cost the sweep its registry: the version then points at the run's adapter files,
+        as `download_champion` and the promotion gate read them anyway, and its flavour tag says why.
+        """
+        import tempfile
+
+        from peftsweep.orchestrator.logged_model import log_trained
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="peftsweep-register-") as tmp:
+                export = self.client.download_artifacts(rec.run_id, ADAPTER_ARTIFACT, tmp)
+                model, flavour = log_trained(
+                    self.client, self.spec, rec.run_id, Path(export), self.experiment_id
+                )
+            return model.model_uri, model.model_id, flavour
+        except Exception as exc:  # noqa: BLE001 - any failure here only loses the convenience
+            why = first_error_line(f"{type(exc).__name__}: {exc}")
+            _log.warning("%s: registering the adapter files only; no MLflow model (%s)", rec.run_id, why)
+            return f"runs:/{rec.run_id}/{ADAPTER_ARTIFACT}", None, f"none: {why}"[:500]
 
     def _model_exists(self, name: str) -> bool:
         from mlflow.exceptions import MlflowException

@@ -55,6 +55,9 @@ class Method:
     # model_type (config.json) -> why this method cannot run on it; rejected before any trial starts.
     unsupported: Mapping[str, str] = field(default_factory=dict)
     requires_cuda: str | None = None  # why the method needs a CUDA GPU (QLoRA); rejected on CPU-only specs
+    # load_kwargs(dtype) -> extra ``from_pretrained`` keywords for the base this method trains on, given the
+    # dtype the loader would use (QLoRA: quantise to 4-bit while loading). None: the plain base.
+    load_kwargs: Callable[[Any], dict[str, Any]] | None = None
     # export(model, out_dir, workdir): None → export_adapter (PEFT save_pretrained, mutating inits converted).
     export: Callable[[Any, Path, Path], None] | None = None
     # load(base_model, out_dir) -> trained model, for results plain PEFT cannot load (full FT, BitFit, ...).

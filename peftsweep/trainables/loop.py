@@ -187,7 +187,7 @@ def setup(trial: TrialConfig, workdir: Path, watch: Heartbeat) -> Recipe:
     import torch
 
     from peftsweep import search_spaces
-    from peftsweep.trainables.model import load_base_model, load_tokenizer
+    from peftsweep.trainables.model import enable_gradient_checkpointing, load_base_model, load_tokenizer
     from peftsweep.trainables.objectives import GradualSchedule
 
     spec, mspec = trial.spec, trial.spec.method(trial.method)
@@ -198,7 +198,7 @@ def setup(trial: TrialConfig, workdir: Path, watch: Heartbeat) -> Recipe:
     watch.beat("loading the tokenizer")
     tokenizer = load_tokenizer(spec)
     watch.beat("loading the base model")
-    model = load_base_model(spec)
+    model = load_base_model(spec, trial.method)  # in the training precision, as the method asks
     hparams = search_spaces.AdapterHParams(
         rank=trial.rank,
         alpha=trial.rank * mspec.alpha_over_rank,
@@ -210,6 +210,8 @@ def setup(trial: TrialConfig, workdir: Path, watch: Heartbeat) -> Recipe:
     method = search_spaces.get_method(trial.method)
     watch.beat(f"applying {trial.method}")
     model = method.apply(model, hparams, workdir)
+    if spec.training.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     watch.beat("loading the prepared data")
     data, sampler, loader = _data(trial, tokenizer, world, rank_id)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -59,6 +59,19 @@ def evaluate(
     return {**metrics, "eval_loss": loss}
 
 
+def complete(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 64
+) -> list[str]:
+    """Greedy completions of plain prompts, encoded and cut as evaluation does (BOS + prompt, up to EOS):
+    what a loaded champion answers (the registry's pyfunc models)."""
+    ids, _ = _last_turns(tokenizer, [{"prompt": p, "completion": ""} for p in prompts])
+    with _eval_mode(model):
+        out = _generate(
+            model, tokenizer, ids, _stop_ids(tokenizer, False), batch_size, max_new_tokens, 1, 1.0
+        )
+    return [answers[0] for answers in out]
+
+
 def _last_turns(tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
     """Prompt and target token ids of every row's last answer, encoded exactly as training encodes them."""
     turns = [last_turn(pieces) for pieces in token_pieces(tokenizer, rows)]

@@ -172,10 +172,58 @@ def test_champion_loads_with_plain_peft_and_reproduces_its_metric(
     assert got["eval_loss"] == pytest.approx(logged_loss, rel=1e-4)
 
 
+def test_champion_loads_through_mlflow_and_generates(sweep: dict[str, Any], tmp_path: Path) -> None:
+    """`mlflow.transformers.load_model("models:/e2e@champion")`, one call: the trial's adapter on the built-in
+    base (embedded in the model), the same function as the adapter loaded with plain PEFT, and it answers
+    the held-out subtractions as the sweep's evaluation scored them."""
+    import mlflow.pyfunc
+    import mlflow.transformers
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftsweep.orchestrator.champion import champion_info, download_champion
+    from peftsweep.orchestrator.logged_model import tracking_uri
+    from peftsweep.trainables.data import load_split
+    from peftsweep.trainables.model import resolve_base_model
+
+    client, spec = sweep["client"], sweep["spec"]
+    for method in METHODS:  # every registered version is a logged model of its trial's run
+        version = client.get_model_version_by_alias(spec.name, f"best-{method}")
+        assert version.source.startswith("models:/m-") and version.tags["peftsweep.flavor"] == "transformers"
+        assert (
+            client.get_logged_model(version.source.removeprefix("models:/")).source_run_id == version.run_id
+        )
+    info = champion_info(spec)
+    uri = f"models:/{spec.name}@champion"
+    with tracking_uri(spec.tracking.mlflow_tracking_uri()):
+        pipe = mlflow.transformers.load_model(uri)
+        predictor = mlflow.pyfunc.load_model(uri)
+
+    rows = list(load_split(spec.data.task, "eval", limit=spec.data.max_eval_examples))
+    prompts = [r["prompt"] for r in rows]
+    base_dir = resolve_base_model(spec.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir), download_champion(spec, str(tmp_path))
+    ).eval()
+    batch = tokenizer(prompts, return_tensors="pt")  # "aa-bb=": one length, no padding
+    with torch.no_grad():
+        assert torch.allclose(pipe.model(**batch).logits, reference(**batch).logits, atol=1e-6)
+
+    generated = pipe(prompts, max_new_tokens=4, do_sample=False, return_full_text=False)
+    answers = [out[0]["generated_text"] for out in generated]
+    assert predictor.predict(prompts) == answers  # the pyfunc view generates the same
+    exact = sum(a == r["completion"] for a, r in zip(answers, rows, strict=True)) / len(rows)
+    assert exact > 0, "the champion should answer some subtractions, else this check is vacuous"
+    assert exact == pytest.approx(info["exact_match"], abs=1e-9)
+
+
 def test_best_command_prints_the_champion(sweep: dict[str, Any]) -> None:
     result = CliRunner().invoke(app, ["best", str(sweep["spec_path"])])
     assert result.exit_code == 0, result.output
     assert "models:/e2e@champion" in result.output
+    assert 'mlflow.transformers.load_model("models:/e2e@champion")' in result.output
     assert any(f"method: {m}" in result.output for m in METHODS)
 
 
