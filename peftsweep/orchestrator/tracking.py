@@ -495,7 +495,9 @@ class TrialRecorder(Callback):
         self._finish(trial, error=trial_error(trial))
 
     def _finish(self, trial: Any, error: str | None) -> None:
-        record = self.tracker.trials[trial.trial_id]
+        record = self.tracker.trials.get(trial.trial_id)
+        if record is None:  # it failed before it started (its actor never came up, e.g. its node died)
+            record = self.tracker.start_trial(trial.config[TRIAL_KEY])
         checkpoint = latest_checkpoint(trial)
         self.tracker.finish_trial(record, str(checkpoint) if checkpoint else None, error=error)
         prune_finished(checkpoint)  # its adapter is in MLflow now
