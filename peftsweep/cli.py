@@ -230,12 +230,29 @@ def status(spec_path: SpecArg) -> None:
     table = Table(title=f"sweep {spec.name}: {_shown(spec.tracking.optuna_storage_url())}")
     for col in ("method", "complete", "running", "failed", "pruned", "left", f"best {metric}", "best params"):
         table.add_column(col, justify="left" if col in ("method", "best params") else "right")
-    for row in sweep_status(spec):
+    rows = sweep_status(spec)
+    for row in rows:
         table.add_row(
             row.method,
             *(str(n) for n in (row.complete, row.running, row.failed, row.pruned, row.remaining)),
             f"{row.best_value:.4f}" if row.best_value is not None else "-",
             ", ".join(_param(k, v) for k, v in row.best_params.items()) or "-",
+        )
+    if len(rows) > 1:  # the sweep at a glance, under one row per method (20 methods: 20 rows, then this)
+        sign = 1 if spec.search.direction == "max" else -1
+        scored = [r for r in rows if r.best_value is not None]
+        best = max(scored, key=lambda r: sign * r.best_value, default=None)  # type: ignore[operator]
+        sums = [
+            sum(getattr(r, k) for r in rows) for k in ("complete", "running", "failed", "pruned", "remaining")
+        ]
+        table.add_section()
+        table.add_row(
+            f"all {len(rows)} methods",
+            *(str(n) for n in sums),
+            f"{best.best_value:.4f}" if best and best.best_value is not None else "-",
+            f"{best.method}: " + ", ".join(_param(k, v) for k, v in best.best_params.items())
+            if best
+            else "-",
         )
     console.print(table)
 

@@ -61,6 +61,8 @@ class SweepSearch(Searcher):
         self.order = [m.name for m in methods]
         self.on_done, self.on_stop = on_done, on_stop
         self.owner: dict[str, str] = {}  # trial id -> method
+        self.rank = {name: i for i, name in enumerate(self.order)}  # spec order, the last tie-breaker
+        self.max_concurrent: int | None = None  # trials in flight at once, all methods together
 
     def __reduce__(self) -> tuple:
         # Tune pickles its config (this searcher included) into tuner.pkl for `Tuner.restore`, which a sweep
@@ -72,9 +74,22 @@ class SweepSearch(Searcher):
         return True  # each method's searcher was built with its own metric, mode and space
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
-        return True  # Tune's max_concurrent_trials bounds the sweep; each method is free within it
+        """Tune's ``max_concurrent_trials``, enforced here over all methods together (`suggest`).
+
+        Returning True tells Tune's ConcurrencyLimiter that this searcher limits itself, so the limit must be
+        kept here: Tune itself bounds only its *pending* trials, and starts as many as the cluster's
+        resources allow — with Ray Train trials, whose Tune trial reserves 0.05 CPU, far more than the GPUs
+        can run (measured: bench/scale.py)."""
+        self.max_concurrent = max_concurrent
+        return True
+
+    def in_flight(self) -> int:
+        """Trials suggested and not yet complete (pending or running), all methods together."""
+        return sum(len(m.running) for m in self.methods.values())
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        if self.max_concurrent and self.in_flight() >= self.max_concurrent:
+            return None  # every slot is taken: Tune asks again when a trial ends
         self._advance_all()
         for method in sorted(self._active(), key=self._priority):
             config = self._suggest(method, trial_id)
@@ -88,7 +103,7 @@ class SweepSearch(Searcher):
 
     def _priority(self, method: MethodRun) -> tuple[int, int, int]:
         """Fewest trials in flight, then fewest launched, then spec order: every method gets slots."""
-        return (len(method.running), method.launched, self.order.index(method.name))
+        return (len(method.running), method.launched, self.rank[method.name])
 
     def _suggest(self, method: MethodRun, trial_id: str) -> dict | None:
         assert method.searcher is not None

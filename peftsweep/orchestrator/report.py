@@ -24,6 +24,7 @@ from peftsweep.orchestrator.tracking import LEVEL_TAG, METHOD_TAG, OUTCOME_TAG, 
 from peftsweep.spec import ResourcesSpec, SweepSpec
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
@@ -437,36 +438,64 @@ def _better(direction: str) -> str:
     return "higher is better" if direction == "max" else "lower is better"
 
 
+OVERLAY_UP_TO = 6  # methods drawn on one plot; more get one panel each (20 colours on one plot: a mess)
+
+
 def plot_lr_curves(
     path: Path, trials: Mapping[str, Sequence[Trial]], rows: Sequence[MethodRow], metric: str, direction: str
 ) -> Path:
+    """`lr_curves_figure` saved as a PNG."""
+    fig = lr_curves_figure(trials, rows, metric, direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def lr_curves_figure(
+    trials: Mapping[str, Sequence[Trial]], rows: Sequence[MethodRow], metric: str, direction: str
+) -> Figure:
     """Metric vs LR per method: search trials as points, the best configuration's seeds as mean ± std.
 
-    Failed trials are left out: their partial metric is no result (they are counted in the tables).
+    Up to `OVERLAY_UP_TO` methods share one plot (one colour each); beyond, small multiples: one panel per
+    method with shared axes, titled with its verdict, and the best method's mean as a dashed line in every
+    panel so that panels compare at a glance. Failed trials are left out: their partial metric is no result
+    (they are counted in the tables).
     """
     from matplotlib import rcParams
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    # Figure + the Agg canvas directly: no pyplot global state, no display needed.
-    fig = Figure(figsize=(8, 5), layout="constrained")  # inches; readable in a browser at 100 dpi
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    cycle = rcParams["axes.prop_cycle"].by_key()["color"]
-    plotted = False
     by_method = {r.method: r for r in rows}
+    methods = list(trials)
+    panels = len(methods) > OVERLAY_UP_TO
+    cols = math.ceil(math.sqrt(len(methods))) if panels else 1
+    nrows = math.ceil(len(methods) / cols) if panels else 1
+    # Figure + the Agg canvas directly: no pyplot global state, no display needed. Inches; readable in a
+    # browser at 100 dpi (a 20-method grid: 5 × 4 panels of 3 × 2.4 in).
+    size = (max(8.0, 3.0 * cols), max(5.0, 2.4 * nrows + 0.8)) if panels else (8.0, 5.0)
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(nrows, cols, sharex=True, sharey=True, squeeze=False)
+    axes = {m: grid[i // cols][i % cols] for i, m in enumerate(methods)} if panels else {}
+    cycle = rcParams["axes.prop_cycle"].by_key()["color"]
+    sign = 1.0 if direction == "max" else -1.0
+    means = [r.mean for r in rows if r.mean is not None]
+    leader = max(means, key=lambda v: sign * v) if means else None
+    plotted = False
     for i, (method, method_trials) in enumerate(trials.items()):
-        color = cycle[i % len(cycle)]
+        ax = axes.get(method, grid[0][0])
+        color = cycle[0 if panels else i % len(cycle)]
+        label = None if panels else method
         search = [t for t in method_trials if t.role == "search" and t.value is not None]
         full = [t for t in search if t.outcome in ("completed", "running")]
         early = [t for t in search if t.outcome == "stopped_early"]
         diverged = [t for t in search if t.outcome == "diverged"]
         if full:
-            ax.scatter([t.lr for t in full], [t.value for t in full], color=color, label=method, zorder=2)
+            ax.scatter([t.lr for t in full], [t.value for t in full], color=color, label=label, zorder=2)
         if diverged:
             xs, ys = [t.lr for t in diverged], [t.value for t in diverged]
-            ax.scatter(xs, ys, marker="x", color=color, label=None if full else method, zorder=2)
+            ax.scatter(xs, ys, marker="x", color=color, label=None if full else label, zorder=2)
         if early:
             ax.scatter(
                 [t.lr for t in early],
@@ -474,7 +503,7 @@ def plot_lr_curves(
                 facecolors="none",
                 edgecolors=color,
                 alpha=0.6,  # lighter: an ASHA-stopped trial's metric is from an earlier eval point
-                label=None if full or diverged else method,
+                label=None if full or diverged else label,
                 zorder=2,
             )
         row = by_method.get(method)
@@ -483,26 +512,42 @@ def plot_lr_curves(
             ax.scatter(
                 [row.best_lr], [row.mean], marker="*", s=220, color=color, edgecolors="black", zorder=4
             )  # s: marker area in pt², large enough to stand out over the trial points
+        if panels:
+            verdict = row.verdict if row is not None else "no result"
+            ax.set_title(f"{method}: {verdict}", fontsize="medium", loc="left")
+            if leader is not None:  # the best method's mean: how far below it this method lands
+                ax.axhline(leader, color="gray", ls="--", lw=0.8, zorder=1)
         plotted = plotted or bool(search)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel(f"{metric} ({_better(direction)})")
-    ax.grid(True, which="both", alpha=0.3)  # faint: the points matter, the grid only guides the eye
-    if plotted:
+    for ax in grid.flat[len(methods) :] if panels else ():
+        ax.set_visible(False)  # the grid's unused cells
+    for ax in grid.flat:
+        ax.set_xscale("log")
+        ax.grid(True, which="both", alpha=0.3)  # faint: the points matter, the grid only guides the eye
+    xlabel, ylabel = "learning rate (log scale)", f"{metric} ({_better(direction)})"
+    if panels:
+        fig.supxlabel(xlabel)
+        fig.supylabel(ylabel)
+    else:
+        grid[0][0].set_xlabel(xlabel)
+        grid[0][0].set_ylabel(ylabel)
+    keys = [
+        Line2D([], [], marker="o", ls="", color="gray", label="search trial (final)"),
+        Line2D([], [], marker="o", ls="", mfc="none", color="gray", label="stopped early (ASHA)"),
+        Line2D([], [], marker="x", ls="", color="gray", label="diverged"),
+        Line2D([], [], marker="*", ls="", color="gray", ms=12, label="best LR: mean ± std over seeds"),
+    ]
+    if not plotted:
+        ax = grid[0][0]
+        ax.text(0.5, 0.5, "no trial reported the metric", ha="center", va="center", transform=ax.transAxes)
+    elif panels:
+        keys.append(Line2D([], [], ls="--", color="gray", label="best method's mean"))
+        fig.legend(handles=keys, loc="outside upper center", ncols=len(keys), fontsize="small")
+    else:
+        ax = grid[0][0]
         legend = ax.legend(title="method", loc="best")
         ax.add_artist(legend)
-        keys = [
-            Line2D([], [], marker="o", ls="", color="gray", label="search trial (final)"),
-            Line2D([], [], marker="o", ls="", mfc="none", color="gray", label="stopped early (ASHA)"),
-            Line2D([], [], marker="x", ls="", color="gray", label="diverged"),
-            Line2D([], [], marker="*", ls="", color="gray", ms=12, label="best LR: mean ± std over seeds"),
-        ]
         ax.legend(handles=keys, loc="lower center", fontsize="small")
-    else:
-        ax.text(0.5, 0.5, "no trial reported the metric", ha="center", va="center", transform=ax.transAxes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return fig
 
 
 def _markdown(spec: SweepSpec, result: ReportResult) -> str:

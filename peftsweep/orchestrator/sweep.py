@@ -642,7 +642,8 @@ def _run_locked(
                 f"{len(tracker.killed)} left running by the dead driver marked KILLED"
             )
         progress = SweepProgress(spec, tracker)
-        with Live(progress.table(), console=console, refresh_per_second=2) as live:
+        # The progress renders itself at Live's refresh rate (never per Tune event: progress.py).
+        with Live(progress, console=console, refresh_per_second=2) as live:
             progress.live = live
             curvature = _curvatures(spec, data_dir, console) if spec.search.lr_prior != "none" else {}
             runs = _method_runs(spec, data_dir, tracker, resume, curvature, t0, nightly=tags is not None)
@@ -656,7 +657,11 @@ def _run_locked(
                     highlight=False,
                 )
 
-            run_methods(spec, runs, [recorder], on_done=tracker.finish_method, on_stop=stopped)
+            def done(method: str) -> None:
+                tracker.finish_method(method)
+                progress.method_done(method)
+
+            run_methods(spec, runs, [recorder], on_done=done, on_stop=stopped)
             live.update(progress.table())
             stops = {run.name: run.stopped for run in runs if run.stopped}
         console.print()

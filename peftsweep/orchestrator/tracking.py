@@ -108,6 +108,9 @@ class SweepTracker:
         self.experiment_id = self._experiment()
         self.method_runs: dict[str, str] = {}
         self.trials: dict[str, TrialRecord] = {}
+        # the same records by method, in start order: what per-method questions read (a sweep asks them on
+        # every suggestion; scanning all trials there grows with the sweep: bench/scale.py)
+        self._by_method: dict[str, list[TrialRecord]] = {}
         self.killed: list[str] = []  # run ids of trials a dead driver left RUNNING (resume only)
         latest = self._latest_sweep_run() if resume else None
         if latest is not None:
@@ -193,7 +196,11 @@ class SweepTracker:
                     has_adapter=bool(self.client.list_artifacts(run_id, ADAPTER_ARTIFACT)),
                     failure=run.data.tags.get(FAILURE_TAG, ""),
                 )
-                self.trials[record.trial_id] = record
+                self._add(record)
+
+    def _add(self, record: TrialRecord) -> None:
+        self.trials[record.trial_id] = record
+        self._by_method.setdefault(record.method, []).append(record)
 
     def _experiment(self) -> str:
         existing = self.client.get_experiment_by_name(self.spec.name)
@@ -270,7 +277,7 @@ class SweepTracker:
         record = TrialRecord(
             method, trial.trial_id, run_id, trial.lr, trial.rank, seed=trial.seed, role=trial.role
         )
-        self.trials[trial.trial_id] = record
+        self._add(record)
         return record
 
     def log_result(self, record: TrialRecord, result: dict[str, Any]) -> None:
@@ -321,7 +328,8 @@ class SweepTracker:
     def records(self, method: str | None = None) -> list[RunRecord]:
         """The trials as `scoring` reads them (one rule for every reading of "best": scoring.py)."""
         metric = self.spec.search.metric or ""
-        return [run_record(t, metric) for t in self.trials.values() if method in (None, t.method)]
+        trials = self.trials.values() if method is None else self._by_method.get(method, [])
+        return [run_record(t, metric) for t in trials]
 
     def top_configs(self, method: str, k: int) -> list[tuple[float, int]]:
         """The k best (lr, rank) of the method's search trials: what the confirmation runs re-seed."""
@@ -332,7 +340,7 @@ class SweepTracker:
         """The error that the method's first ``k`` search trials all failed with, or None: a systematic
         failure (a bad path, an out-of-memory base at every config) that the rest of its budget would only
         repeat."""
-        first = [t for t in self.trials.values() if t.method == method and t.role == "search"][:k]
+        first = [t for t in self._by_method.get(method, []) if t.role == "search"][:k]
         reasons = {t.failure for t in first}
         if len(first) < k or any(t.status != "failed" for t in first) or len(reasons) != 1:
             return None
@@ -352,7 +360,7 @@ class SweepTracker:
         chosen = scoring.representative(self.records(method), self.spec.search.direction)
         if chosen is None:
             return None
-        return next((t for t in self.trials.values() if t.run_id == chosen.run_id), None)
+        return next((t for t in self._by_method.get(method, []) if t.run_id == chosen.run_id), None)
 
     def champion_method(self) -> str | None:
         """The best-scored method (`scoring.best_method`): what becomes champion or challenger."""
@@ -528,7 +536,9 @@ class TrialRecorder(Callback):
         self._finish(trial, error=trial_error(trial))
 
     def _finish(self, trial: Any, error: str | None) -> None:
-        record = self.tracker.trials[trial.trial_id]
+        record = self.tracker.trials.get(trial.trial_id)
+        if record is None:  # it failed before it started (its actor never came up, e.g. its node died)
+            record = self.tracker.start_trial(trial.config[TRIAL_KEY])
         checkpoint = latest_checkpoint(trial)
         self.tracker.finish_trial(record, str(checkpoint) if checkpoint else None, error=error)
         prune_finished(checkpoint)  # its adapter is in MLflow now

@@ -133,3 +133,49 @@ def test_confirmation_runs_are_never_stopped_early() -> None:
         scheduler.on_trial_add(None, trial)
     decisions = [scheduler.on_trial_result(None, t, {"step": 1, "m": -i}) for i, t in enumerate(runs)]
     assert decisions == [TrialScheduler.CONTINUE] * 4 and scheduler.schedulers == {}
+
+
+def test_max_concurrent_trials_bounds_the_trials_in_flight_of_all_methods_together() -> None:
+    """Tune bounds only its pending trials when the searcher says it limits itself: the searcher must."""
+    runs = [_run(name, 5, 0)[0] for name in "abc"]
+    sweep = SweepSearch(runs)
+    assert sweep.set_max_concurrency(2)  # this searcher limits itself: Tune adds no ConcurrencyLimiter
+    assert [sweep.suggest(f"t{i}") is not None for i in range(3)] == [True, True, False]
+    sweep.on_trial_complete("t0")
+    assert sweep.suggest("t3")["who"] == "c/search"  # type: ignore[index]
+    assert sweep.in_flight() == 2
+
+
+def test_under_contention_every_method_gets_its_turn_and_none_runs_ahead() -> None:
+    """20 methods, 8 slots, trials of very different lengths (the shortest 1/20 of the longest): each freed
+    slot goes to a method with the fewest trials in flight and, among those, the fewest launched, so a
+    method with short trials does not take the sweep's slots from one with long trials."""
+    import random
+
+    rng = random.Random(0)
+    budget, slots, names = 10, 8, [f"m{i:02d}" for i in range(20)]
+    length = {name: 1 + 19 * i / (len(names) - 1) for i, name in enumerate(names)}  # m00 shortest
+    runs = {name: _run(name, budget, 0)[0] for name in names}
+    sweep = SweepSearch(list(runs.values()))
+    sweep.set_max_concurrency(slots)
+    clock, ends, count, peak = 0.0, [], 0, 0  # ends: (when, trial id)
+    while True:
+        while (config := sweep.suggest(f"t{count}")) not in (None, Searcher.FINISHED):
+            assert isinstance(config, dict)
+            method = runs[config["who"].split("/")[0]]
+            active = [m for m in runs.values() if m.phase == "search" and not m.searcher_finished]
+            # the chosen method had the fewest in flight, then the fewest launched, before this launch
+            before = (len(method.running) - 1, method.launched - 1)
+            assert all(before <= (len(m.running), m.launched) for m in active if m is not method)
+            ends.append((clock + length[method.name] * rng.uniform(0.9, 1.1), f"t{count}"))
+            count += 1
+        peak = max(peak, sweep.in_flight())
+        if config == Searcher.FINISHED:
+            break
+        ends.sort()
+        clock, trial_id = ends.pop(0)
+        sweep.on_trial_complete(trial_id)
+        launched = [m.launched for m in runs.values() if not m.searcher_finished]
+        assert not launched or max(launched) - min(launched) <= 1  # round robin, whatever the lengths
+    assert peak == slots and count == budget * len(names)
+    assert all(m.phase == "done" and m.launched == budget for m in runs.values())

@@ -304,3 +304,54 @@ def test_the_pissa_finding_says_when_an_optimum_is_only_a_bound() -> None:
         SimpleNamespace(method="pissa", best_lr=3e-4, bracketed="no: lower side open"),
     ]
     assert (pissa_finding(rows) or "").endswith("pissa's optimum is not bracketed: a bound, not a ratio.")
+
+
+def _rows_and_trials(methods: list[str]) -> tuple[dict[str, list], list]:
+    """Per method: 5 search trials over two decades of LR, its best config at 1e-3 scoring 0.5 + k/100."""
+    from peftsweep.orchestrator.report import MethodRow, Trial
+
+    trials, rows = {}, []
+    for k, m in enumerate(methods):
+        trials[m] = [
+            Trial(f"{m}-{i}", m, "search", "completed", 10 ** (-4 + i / 2), 8, 0, 0.1 * i + k / 100, 60.0)
+            for i in range(5)
+        ]
+        verdict = "best" if k == len(methods) - 1 else "tie"
+        rows.append(
+            MethodRow(m, (0.5 + k / 100,) * 3, 1e-3, 8, None, None, verdict, "", "yes", {}, 60.0, None, {})
+        )
+    return trials, rows
+
+
+def test_lr_curves_of_many_methods_are_small_multiples_with_shared_axes() -> None:
+    """20 methods on one plot would be 20 colours in one cloud: one panel each, shared axes, the verdict in
+    each title and the best method's mean as a reference line in every panel."""
+    from peftsweep.orchestrator.report import OVERLAY_UP_TO, lr_curves_figure
+
+    methods = [f"method{k:02d}" for k in range(20)]
+    trials, rows = _rows_and_trials(methods)
+    fig = lr_curves_figure(trials, rows, "exact_match", "max")
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 20 > OVERLAY_UP_TO and len(fig.axes) == 20  # a 5 × 4 grid, no spare cell
+    assert [ax.get_title(loc="left") for ax in panels] == [f"{m}: tie" for m in methods[:-1]] + [
+        "method19: best"
+    ]
+    first = panels[0]
+    assert all(first.get_shared_x_axes().joined(first, ax) for ax in panels)
+    assert all(first.get_shared_y_axes().joined(first, ax) for ax in panels)
+    assert all(ax.get_xscale() == "log" for ax in panels)
+    for ax in panels:  # the dashed line at the best mean, 0.69, in every panel
+        assert any(list(line.get_ydata()) == [0.69, 0.69] for line in ax.get_lines() if line.get_ls() == "--")
+    assert fig.get_size_inches()[0] >= 15 and fig.get_size_inches()[1] >= 9.6  # 3 × 2.4 in a panel
+    assert len(fig.legends) == 1  # the marker key, once for the figure
+
+
+def test_lr_curves_of_a_few_methods_share_one_plot() -> None:
+    from peftsweep.orchestrator.report import lr_curves_figure
+
+    trials, rows = _rows_and_trials(["lora", "pissa", "dora"])
+    fig = lr_curves_figure(trials, rows, "exact_match", "max")
+    assert len(fig.axes) == 1
+    legend = fig.axes[0].get_legend()  # the marker key; the method legend is an extra artist
+    methods = [a for a in fig.axes[0].artists if hasattr(a, "get_texts")]
+    assert legend is not None and [t.get_text() for t in methods[0].get_texts()] == ["lora", "pissa", "dora"]

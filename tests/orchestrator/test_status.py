@@ -107,3 +107,35 @@ def test_left_counts_only_the_latest_sweep_runs_trials(tmp_path: Path) -> None:
     study.ask()  # one running
     (lora,) = sweep_status(spec)
     assert (lora.complete, lora.running, lora.this_run, lora.remaining) == (5, 1, 2, 2)
+
+
+def test_status_of_a_twenty_method_sweep_is_one_row_per_method_and_a_total(tmp_path: Path) -> None:
+    """A cluster sweep of every registered method (qlora too: it has GPUs): one row each, then the sweep at
+    a glance (sums, and the best method's value and params)."""
+    from peftsweep import search_spaces
+
+    methods = search_spaces.method_names()
+    data = {
+        "name": "big",
+        "methods": methods,
+        "search": {"trials_per_method": 100},
+        "resources": {"gpus_per_worker": 1, "zero_stage": 0},
+        "tracking": {"root": str(tmp_path / "r")},
+    }
+    spec = parse_spec(data)
+    spec.tracking.root.mkdir(parents=True)
+    storage = optuna.storages.RDBStorage(spec.tracking.optuna_storage_url())
+    for k, method in enumerate(methods):
+        study = optuna.create_study(study_name=f"big/{method}", storage=storage, direction="maximize")
+        _add_trials(study, [0.01 * k, 0.005 * k])
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["status", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert all(sum(line.startswith(f"│ {m} ") for line in lines) == 1 for m in methods)
+    total = next(line for line in lines if f"all {len(methods)} methods" in line)
+    best = methods[-1]  # the last method has the best values
+    cells = [c.strip() for c in total.strip("│ ").split("│")]
+    assert cells[1:6] == [str(2 * len(methods)), "0", "0", "0", str(98 * len(methods))]
+    assert cells[6] == f"{0.01 * (len(methods) - 1):.4f}" and cells[7] == f"{best}: lr=0.001"
