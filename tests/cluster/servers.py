@@ -203,4 +203,4 @@ def ray_cluster(base: Path, nodes: list[dict[str, float]]) -> Iterator[RayCluste
             )
         yield cluster
     finally:
-        stop_pids(_ray_pids(temps))
+        stop_pids(_ray_pids(temps), timeout=5.0)  # nothing of a test cluster needs a graceful exit

@@ -42,40 +42,20 @@ def test_deepspeed_config_follows_the_spec(tmp_path: Path) -> None:
     assert not cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
 
 
-def test_two_workers_per_trial_train_and_checkpoint(ray_session: None, tmp_path: Path) -> None:
-    """Data-parallel trial over gloo: both workers step in lockstep and rank 0's adapter is checkpointed."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    spec = _spec(tmp_path, workers=2)  # engine auto: DeepSpeed ZeRO-2 across the two workers
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={TRIAL_KEY: standalone_trial(spec, "lora", 5e-3, 4, 0)},
-        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.45}),
-        run_config=ray.train.RunConfig(name="two-workers", storage_path=str(tmp_path / "ray")),
-    )
-    result = trainer.fit()
-    assert result.metrics["step"] == 20 and result.metrics["diverged"] == 0.0
-    assert 0.0 <= result.metrics["exact_match"] <= 1.0 and math.isfinite(result.metrics["eval_loss"])
-    files = {p.name for p in Path(result.checkpoint.path).iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", TRAINER_STATE} <= files
-    # Both ranks' resume shards were merged into the one checkpoint directory.
-    state = {p.name for p in (Path(result.checkpoint.path) / TRAINER_STATE).iterdir()}
-    assert {"rank0.pt", "rank1.pt", "progress.json", "state"} <= state  # "state": DeepSpeed's shards
-
-
 def test_a_crashed_worker_group_resumes_from_its_last_checkpoint(ray_session: None, tmp_path: Path) -> None:
-    """Ray restarts the failed group (FailureConfig) and the loop continues from the step-10 checkpoint."""
+    """Two data-parallel workers over gloo (engine auto: DeepSpeed ZeRO-2) crash after step 10: Ray restarts
+    the group (FailureConfig), the loop continues from the step-10 checkpoint, and the final checkpoint holds
+    rank 0's adapter and both ranks' resume shards merged into one directory."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    spec = _spec(tmp_path)
+    spec = _spec(tmp_path, workers=2)
     trial = standalone_trial(spec, "lora", 5e-3, 4, 0)
     trial = replace(trial, fault=Fault("crash", 10, marker=str(tmp_path / "fired")))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={TRIAL_KEY: trial},
-        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.45}),
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.45}),
         run_config=ray.train.RunConfig(
             name="restart",
             storage_path=str(tmp_path / "ray"),
@@ -83,9 +63,15 @@ def test_a_crashed_worker_group_resumes_from_its_last_checkpoint(ray_session: No
         ),
     )
     result = trainer.fit()
-    assert result.error is None and result.metrics["step"] == 20
-    progress = json.loads((Path(result.checkpoint.path) / TRAINER_STATE / "progress.json").read_text())
+    assert result.error is None and result.metrics["step"] == 20 and result.metrics["diverged"] == 0.0
+    assert 0.0 <= result.metrics["exact_match"] <= 1.0 and math.isfinite(result.metrics["eval_loss"])
+    ckpt = Path(result.checkpoint.path)
+    progress = json.loads((ckpt / TRAINER_STATE / "progress.json").read_text())
     assert progress["resumed_from_step"] == 10 and len(progress["history"]) == 20
+    files = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", TRAINER_STATE} <= files
+    state = {p.name for p in (ckpt / TRAINER_STATE).iterdir()}
+    assert {"rank0.pt", "rank1.pt", "progress.json", "state"} <= state  # "state": DeepSpeed's shards
 
 
 # An `oom` drill at step 3 (eval points at 2, 4, 6) → the phase the failure names, the step it names, and the
@@ -114,9 +100,9 @@ def test_out_of_memory_in_any_phase_fails_the_trial_naming_the_phase(phase: str,
     assert failed["exact_match"] == 0.0 and failed["eval_loss"] == math.inf  # the worst score
 
 
-@pytest.mark.parametrize(
-    ("phase", "rank"), [("optimizer", 1), ("export", 0)], ids=["optimizer-rank1", "export-rank0"]
-)
+# One multi-worker case (the single-worker test drills every phase): the OOM where AdamW first allocates, on
+# the rank that is not rank 0 (whose verdict the restart must still find).
+@pytest.mark.parametrize(("phase", "rank"), [("optimizer", 1)], ids=["optimizer-rank1"])
 def test_out_of_memory_on_one_of_two_workers_fails_the_trial_without_retraining(
     phase: str, rank: int, ray_session: None, tmp_path: Path
 ) -> None:
