@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(VENV)/bin/peftsweep run examples/quickstart.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Benchmarks (bench/README.md): ground-truth grid, search replay, throughput, overhead. Hours on 2 cores.
 bench: $(STAMP)
