@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
@@ -134,6 +135,11 @@ class SweepSearch(Searcher):
         # Phases advance at the next `suggest`: Tune tells the searcher of a completion before its callbacks
         # record it, and the next phase (confirmation, a dependent method's prior) reads those records.
 
+    def counts_in_flight(self, trial_id: str) -> bool:
+        """Whether this trial was suggested and never reported complete."""
+        method = self._method_of(trial_id)
+        return method is not None and trial_id in method.running
+
     def _method_of(self, trial_id: str) -> MethodRun | None:
         name = self.owner.get(trial_id)
         return self.methods.get(name) if name else None
@@ -229,3 +235,28 @@ class SweepScheduler(TrialScheduler):
 
     def restore(self, checkpoint_path: str) -> None:
         pass
+
+
+class UntoldEnds(Callback):
+    """Tells the searcher and the other callbacks of trials that Tune ended without telling them.
+
+    Why: Ray Tune (2.60) fails a trial whose reused actor could not be reset for it (the previous trial's
+    thread still running after Tune's reuse wait: ``TuneController._on_trial_reset``) by setting it ERROR,
+    and calls neither the searcher's ``on_trial_complete`` nor the callbacks' ``on_trial_error``. SweepSearch
+    would count that trial in flight for ever, and with ``max_concurrent_trials`` trials counted so, suggest
+    nothing again while Tune waits for a suggestion: the sweep would hang. At each controller step, a trial
+    Tune has ended that the searcher still counts is reported to both as failed.
+    """
+
+    def __init__(self, search: SweepSearch, callbacks: list[Callback]) -> None:
+        self.search, self.callbacks = search, callbacks
+
+    def __reduce__(self) -> tuple:
+        return (Callback, ())  # pickled with the RunConfig into Tune's state: a detached no-op there
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        for trial in trials:
+            if trial.status in ("ERROR", "TERMINATED") and self.search.counts_in_flight(trial.trial_id):
+                self.search.on_trial_complete(trial.trial_id, error=True)
+                for callback in self.callbacks:
+                    callback.on_trial_error(iteration=iteration, trials=trials, trial=trial)

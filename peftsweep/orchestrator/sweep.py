@@ -341,15 +341,16 @@ def run_methods(
     """
     from ray import tune
 
-    from peftsweep.orchestrator.methods import SweepScheduler, SweepSearch
+    from peftsweep.orchestrator.methods import SweepScheduler, SweepSearch, UntoldEnds
     from peftsweep.orchestrator.trial import trainable as trial_trainable
     from peftsweep.orchestrator.trial import tune_run_config_extras
 
     _tune_env()
+    search = SweepSearch(runs, on_done, on_stop)
     tune.Tuner(
         trainable if trainable is not None else trial_trainable(spec),
         tune_config=tune.TuneConfig(
-            search_alg=SweepSearch(runs, on_done, on_stop),
+            search_alg=search,
             scheduler=SweepScheduler(lambda _method: method_scheduler(spec)),
             num_samples=-1,  # the searcher's budgets decide; it says FINISHED when every method is done
             max_concurrent_trials=spec.resources.max_concurrent_trials,
@@ -359,7 +360,7 @@ def run_methods(
         run_config=tune.RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(spec.tracking.ray_storage / "tune"),
-            callbacks=callbacks,
+            callbacks=[*callbacks, UntoldEnds(search, callbacks)],
             verbose=0,
             **tune_run_config_extras(spec),
         ),

@@ -28,17 +28,27 @@ from peftsweep.vocab import HOST_KEY, NODE_KEY, STEP
 _OOM_MARKER = "out-of-memory.json"  # a multi-worker trial's OOM verdict, read by its restarted workers
 
 
+# How long Tune, reusing this actor for the next trial, waits for the previous trial's loop to end (Ray's
+# default is 2 s). A trial Tune stops (early stopping) ends at its next optimizer step (`_EndWhenAsked`), and
+# a step of a big model can take longer than 2 s; Tune fails the next trial if the wait runs out.
+REUSE_WAIT_S = "300"
+
+
 def run_inline(trial: TrialConfig) -> None:
     """The loop inside the Tune trial: report through Tune, resume from Tune's checkpoint of this trial."""
     import ray.tune
+    from ray.train._internal.session import get_session
 
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", REUSE_WAIT_S)  # read here, at the next reset
     checkpoint = ray.tune.get_checkpoint()  # set when Tune restarted this trial after a failure
+    session = get_session()
 
     def send(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         ckpt = ray.tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
         ray.tune.report(metrics, checkpoint=ckpt)
 
-    _run_watched(trial, send, checkpoint, settle_s=0.0)
+    asked = (lambda: session.stop_event.is_set()) if session is not None else (lambda: False)
+    _run_watched(trial, send, checkpoint, settle_s=0.0, asked_to_end=asked)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -75,7 +85,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 Send = Callable[[dict[str, Any], Path | None], None]  # the executor's report: metrics + checkpoint dir
 
 
-def _run_watched(trial: TrialConfig, send: Send, checkpoint: Any, settle_s: float) -> None:
+class _EndWhenAsked:
+    """The watchdog's heartbeat, which also ends the loop (``SystemExit(0)``, Tune's own way to end a trial
+    thread) at the first beat after Tune asked this trial to end.
+
+    Why: Tune stops an inline trial (early stopping) by setting its session's stop event, which the loop
+    would only see at its next report, an eval interval later. Meanwhile the reused actor cannot take the
+    next trial, and once Tune's reuse wait runs out it fails that trial.
+    """
+
+    def __init__(self, watchdog: Watchdog, asked_to_end: Callable[[], bool]) -> None:
+        self.watchdog, self.asked_to_end = watchdog, asked_to_end
+
+    def beat(self, stage: str | None = None) -> None:
+        self.watchdog.beat(stage)
+        if self.asked_to_end():
+            raise SystemExit(0)
+
+    def training(self) -> None:
+        self.watchdog.training()
+
+
+def _run_watched(
+    trial: TrialConfig,
+    send: Send,
+    checkpoint: Any,
+    settle_s: float,
+    asked_to_end: Callable[[], bool] = lambda: False,
+) -> None:
     """`run_trial` under a watchdog, with the drill armed once per trial and where it ran on every report."""
     res = trial.spec.resources
     # Reliability drills (trainables.faults) fire once per trial: a restart shows the recovery.
@@ -89,11 +126,12 @@ def _run_watched(trial: TrialConfig, send: Send, checkpoint: Any, settle_s: floa
             watchdog.beat()
             after_report(fault, int(metrics.get(STEP, -1)), settle_s)
 
+        heartbeat = _EndWhenAsked(watchdog, asked_to_end)
         if checkpoint is None:
-            run_trial(trial, report, heartbeat=watchdog)
+            run_trial(trial, report, heartbeat=heartbeat)
             return
         with checkpoint.as_directory() as ckpt:
-            run_trial(trial, report, resume_from=Path(ckpt), heartbeat=watchdog)
+            run_trial(trial, report, resume_from=Path(ckpt), heartbeat=heartbeat)
 
 
 def _where() -> dict[str, str]:

@@ -11,7 +11,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from peftsweep.orchestrator.methods import MethodRun, SweepScheduler, SweepSearch
+from peftsweep.orchestrator.methods import MethodRun, SweepScheduler, SweepSearch, UntoldEnds
 from peftsweep.trainables.trial_config import TRIAL_KEY
 
 
@@ -179,3 +179,46 @@ def test_under_contention_every_method_gets_its_turn_and_none_runs_ahead() -> No
         assert not launched or max(launched) - min(launched) <= 1  # round robin, whatever the lengths
     assert peak == slots and count == budget * len(names)
     assert all(m.phase == "done" and m.launched == budget for m in runs.values())
+
+
+class _Errors:
+    """A Tune callback that counts the errors it is told of."""
+
+    def __init__(self) -> None:
+        self.told: list[str] = []
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.told.append(trial.trial_id)
+
+
+def test_a_trial_tune_failed_without_telling_the_searcher_frees_its_slot_and_is_recorded_failed() -> None:
+    """Tune fails a trial whose reused actor could not be reset without calling the searcher or the
+    callbacks; at the slot limit the sweep would wait for ever. UntoldEnds tells both, once."""
+    (a, made), (b, _) = _run("a", 3, 0), _run("b", 3, 0)
+    sweep = SweepSearch([a, b])
+    sweep.set_max_concurrency(2)
+    assert sweep.suggest("t0") is not None and sweep.suggest("t1") is not None
+    assert sweep.suggest("t2") is None  # both slots counted in flight
+    recorder = _Errors()
+    watch = UntoldEnds(sweep, [recorder])
+    trials = [
+        SimpleNamespace(trial_id="t0", status="ERROR"),
+        SimpleNamespace(trial_id="t1", status="RUNNING"),
+    ]
+    watch.on_step_begin(iteration=1, trials=trials)
+    watch.on_step_begin(iteration=2, trials=trials)  # told once only
+    assert recorder.told == ["t0"] and made["search"].completed == ["t0"]
+    assert not sweep.counts_in_flight("t0") and sweep.counts_in_flight("t1")
+    assert sweep.suggest("t2") is not None  # the slot is free again
+
+
+def test_trials_tune_ended_as_usual_are_not_told_twice() -> None:
+    a, made = _run("a", 2, 0)
+    sweep = SweepSearch([a])
+    sweep.suggest("t0")
+    sweep.on_trial_complete("t0", result={"m": 1})  # what Tune does for a finished or stopped trial
+    recorder = _Errors()
+    UntoldEnds(sweep, [recorder]).on_step_begin(
+        iteration=1, trials=[SimpleNamespace(trial_id="t0", status="TERMINATED")]
+    )
+    assert recorder.told == [] and made["search"].completed == ["t0"]
