@@ -22,8 +22,10 @@ CLI = str(Path(sys.executable).with_name("peftsweep"))
 BUDGET = 2  # trials per method
 
 
-def _ray_sessions() -> set[Path]:
-    return set(Path("/tmp/ray").glob("session_2*"))
+def _ray_sessions(started_by: int) -> set[Path]:
+    """The Ray sessions the process ``started_by`` started: Ray names a session directory after the pid of
+    the process that started it. Only those: other tests (another xdist worker's sweeps) run Ray beside."""
+    return set(Path("/tmp/ray").glob(f"session_2*_{started_by}"))
 
 
 def _kill_session_leftovers(session: Path) -> None:
@@ -51,7 +53,6 @@ def _finished_trial_runs(client: MlflowClient, exp: str) -> dict[str, dict[str, 
 def _run_until_killed(cmd: list[str], log: Path, spec, min_done: int, delay: float) -> bool:
     """Start the driver, SIGKILL it (and its Ray) ``delay`` s after ``min_done`` trials are done; False when
     it finished first."""
-    before = _ray_sessions()
     with log.open("a") as out:
         driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 420
@@ -68,7 +69,7 @@ def _run_until_killed(cmd: list[str], log: Path, spec, min_done: int, delay: flo
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-        for session in _ray_sessions() - before:
+        for session in _ray_sessions(started_by=driver.pid):
             _kill_session_leftovers(session)
     assert not finished or driver.returncode == 0, log.read_text()[-3000:]
     return not finished
