@@ -292,9 +292,9 @@ class TrainingSpec(_Strict):
     sam: SamSpec = SamSpec()  # used by sam (every tensor perturbed) and sl_sam
     objective: Literal["cross_entropy", "gradual"] = "cross_entropy"
     gradual: GradualSpec = GradualSpec()  # used by objective: gradual
-    # auto: plain torch AdamW at world size 1 (same losses as DeepSpeed, 1.20-1.25× faster steps measured by
-    # bench/engine.py, no JIT-op lock), DeepSpeed where it does something: several workers, ZeRO-3, offload,
-    # bf16/fp16. torch | deepspeed force one (torch only with one worker per trial).
+    # auto: plain torch AdamW at world size 1 (same losses as DeepSpeed, 1.14-1.18× its tokens/s measured
+    # by bench/throughput.py, no JIT-op lock), DeepSpeed where it does something: several workers, ZeRO-3,
+    # offload, bf16/fp16. torch | deepspeed force one (torch only with one worker per trial).
     engine: Literal["auto", "torch", "deepspeed"] = "auto"
     # Recompute each block's activations in the backward pass instead of keeping them: the kept activations
     # shrink to one per block, which is what lets a big base or long rows fit, for one more forward pass per
