@@ -21,7 +21,7 @@ from rich.table import Table
 from peftsweep import cluster, search_spaces
 from peftsweep.orchestrator.priors import search_order
 from peftsweep.orchestrator.status import open_storage
-from peftsweep.orchestrator.trial import TrialPlan
+from peftsweep.orchestrator.trial import TrialPlan, executor_for
 from peftsweep.spec import MethodSpec, SpecError, SweepSpec
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from peftsweep.orchestrator.methods import MethodRun
     from peftsweep.orchestrator.promotion import GateDecision
-    from peftsweep.orchestrator.tracking import SweepTracker
+    from peftsweep.orchestrator.tracking import SweepTracker, TrialRecord
 
 
 @dataclass
@@ -500,6 +500,43 @@ def _prepare(spec: SweepSpec, console: Console) -> Path:
     return data_dir
 
 
+def _open_stores(spec: SweepSpec) -> None:
+    """Create the MLflow and Optuna tables of a new sqlite store (MLflow's migrations take ~1.5 s) without
+    creating any run or study; on a store that exists, or a server, one cheap query each."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(spec.tracking.mlflow_tracking_uri()).search_experiments(max_results=1)
+    open_storage(spec.tracking.optuna_storage_url())
+
+
+def _prepare_while_ray_starts(spec: SweepSpec, address: str | None, console: Console) -> tuple[Path, bool]:
+    """The data tokenised and the stores opened in a thread while Ray starts, since neither needs the other.
+
+    Why: Ray's start (~4 s) mostly waits for its processes, and tokenising (~4 s on a first run) and the
+    stores' tables (~1.5 s) mostly compute, so overlapping them takes ~4 s off the cold start
+    (bench/overhead.py). The inputs were checked before (`check_inputs`), so a failure here is rare; if
+    it happens, Ray is stopped before the error is raised. Returns the data directory and whether this call
+    started Ray (see `cluster.connect`).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def prepare() -> Path:
+        data_dir = _prepare(spec, console)
+        _open_stores(spec)
+        return data_dir
+
+    # One thread: a second one for the stores made Ray's start slower on 2 cores and gained nothing.
+    with ThreadPoolExecutor(1, thread_name_prefix="peftsweep-prepare") as pool:
+        prepared = pool.submit(prepare)
+        started = cluster.connect(address, dashboard=executor_for(spec) == "train")
+        try:
+            return prepared.result(), started
+        except BaseException:
+            if started:
+                cluster.disconnect()
+            raise
+
+
 def confirm_searcher(spec: SweepSpec, method: str, tracker: SweepTracker, data_dir: Path) -> Any:
     """The method's top configurations re-run with extra seeds, raced (`strategy.ConfirmationSearch`), or
     None when the spec asks for none.
@@ -618,8 +655,6 @@ def _run_locked(
     """`run_sweep` under the sweep's lock."""
     from peftsweep.orchestrator.progress import SweepProgress
     from peftsweep.orchestrator.tracking import SweepTracker, TrialRecorder
-
-    data_dir = _prepare(spec, console)
     from peftsweep.orchestrator.trial import describe
 
     console.print(
@@ -628,7 +663,7 @@ def _run_locked(
     )
     names = ", ".join(m.name for m in spec.methods)
     console.print(f"trials of {names}: {describe(spec)}", highlight=False)
-    started = cluster.connect(address)
+    data_dir, started = _prepare_while_ray_starts(spec, address, console)
     tracker = None
     curvature: dict[str, float] = {}
     try:
@@ -666,17 +701,34 @@ def _run_locked(
             live.update(progress.table())
             stops = {run.name: run.stopped for run in runs if run.stopped}
         console.print()
-        bests = {m.name: b for m in spec.methods if (b := tracker.best_trial(m.name)) is not None}
         registered = tracker.register(_gate(spec, tracker, data_dir))
         tracker.finish_sweep("FINISHED")
     except BaseException:
         if tracker is not None:
             tracker.finish_sweep("FAILED")
-        raise
-    finally:
         if started:
             cluster.disconnect()
+        raise
+    # Ray is not needed past the registry: it stops while the results are printed and the report written.
+    stopping = cluster.Disconnecting() if started else None
+    try:
+        return _conclude(spec, tracker, registered, stops, curvature, t0, console)
+    finally:
+        if stopping is not None:
+            stopping.join()
 
+
+def _conclude(
+    spec: SweepSpec,
+    tracker: SweepTracker,
+    registered: tuple[str, TrialRecord, GateDecision] | None,
+    stops: dict[str, str],
+    curvature: dict[str, float],
+    t0: float,
+    console: Console,
+) -> SweepResult:
+    """The sweep's result, its final table and verdicts, the report, and the champion line."""
+    bests = {m.name: b for m in spec.methods if (b := tracker.best_trial(m.name)) is not None}
     metric = spec.search.metric
     result = SweepResult(
         experiment_id=tracker.experiment_id,

@@ -55,3 +55,9 @@ def test_an_address_is_joined_as_given(no_ray_start: list) -> None:
     local.connect("auto")
     (call,) = no_ray_start
     assert call["address"] == "auto"
+
+
+def test_an_embedded_cluster_can_start_without_the_dashboard(no_ray_start: list) -> None:
+    local.connect(dashboard=False)
+    (call,) = no_ray_start
+    assert call["address"] == "local" and not call["include_dashboard"]

@@ -1,0 +1,69 @@
+"""A sweep's start: the data and the stores are prepared while Ray starts, and nothing is left running when
+that preparation fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from peftsweep import cluster
+from peftsweep.orchestrator import sweep
+from peftsweep.spec import SweepSpec, parse_spec
+
+
+def _spec(root: Path, workers: int = 1) -> SweepSpec:
+    return parse_spec(
+        {
+            "name": "start",
+            "methods": ["lora"],
+            "resources": {"workers_per_trial": workers, "cpus_per_worker": 0.5},
+            "tracking": {"root": str(root)},
+        }
+    )
+
+
+@pytest.fixture
+def fake_ray(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
+    """Record connect/disconnect instead of starting Ray."""
+    calls: dict[str, list] = {"connect": [], "disconnect": []}
+
+    def connect(address: str | None = None, **kwargs: object) -> bool:
+        calls["connect"].append({"address": address, **kwargs})
+        return True
+
+    monkeypatch.setattr(cluster, "connect", connect)
+    monkeypatch.setattr(cluster, "disconnect", lambda: calls["disconnect"].append(True))
+    return calls
+
+
+def test_data_and_stores_are_ready_when_ray_is(tmp_path: Path, fake_ray: dict[str, list]) -> None:
+    spec = _spec(tmp_path)
+    data_dir, started = sweep._prepare_while_ray_starts(spec, None, Console(quiet=True))
+    assert started is True
+    assert (data_dir / "DONE").is_file()  # tokenised
+    assert (tmp_path / "mlflow.db").stat().st_size > 0 and (tmp_path / "optuna.db").stat().st_size > 0
+    assert fake_ray["disconnect"] == []
+
+
+@pytest.mark.parametrize(("workers", "dashboard"), [(1, False), (2, True)])
+def test_rays_dashboard_starts_only_for_train_trials(
+    tmp_path: Path, fake_ray: dict[str, list], workers: int, dashboard: bool
+) -> None:
+    """Ray Train V2 releases placement groups through the dashboard's state API; inline trials need none."""
+    sweep._prepare_while_ray_starts(_spec(tmp_path, workers), None, Console(quiet=True))
+    (call,) = fake_ray["connect"]
+    assert call["dashboard"] is dashboard
+
+
+def test_a_preparation_that_fails_stops_the_ray_it_started(
+    tmp_path: Path, fake_ray: dict[str, list], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(_spec: SweepSpec, _console: Console) -> Path:
+        raise OSError("disk full while tokenising")
+
+    monkeypatch.setattr(sweep, "_prepare", broken)
+    with pytest.raises(OSError, match="disk full"):
+        sweep._prepare_while_ray_starts(_spec(tmp_path), None, Console(quiet=True))
+    assert len(fake_ray["connect"]) == 1 and fake_ray["disconnect"] == [True]
