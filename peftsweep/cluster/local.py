@@ -35,7 +35,7 @@ def connect(address: str | None = None, *, show_worker_logs: bool = False, dashb
         # "local": start a new cluster. ray.init() without an address would join any Ray instance running on
         # this machine (`ray start`, another sweep's), so an "embedded" sweep could land on someone's cluster.
         address=address or "local",
-        include_dashboard=(embedded and dashboard) or None,
+        include_dashboard=dashboard if embedded else None,  # None: the cluster's own choice
         dashboard_host="127.0.0.1",  # never expose the embedded dashboard beyond this machine
         # Its own port, not 8265: two embedded sweeps started side by side both stalled in
         # WorkerGroupStartupTimeoutError (Train V2 releases placement groups through the dashboard's API).

@@ -60,4 +60,4 @@ def test_an_address_is_joined_as_given(no_ray_start: list) -> None:
 def test_an_embedded_cluster_can_start_without_the_dashboard(no_ray_start: list) -> None:
     local.connect(dashboard=False)
     (call,) = no_ray_start
-    assert call["address"] == "local" and not call["include_dashboard"]
+    assert call["address"] == "local" and call["include_dashboard"] is False  # None would start it
