@@ -86,7 +86,12 @@ def bare_trial(spec: SweepSpec, data_dir: str, lr: float, rank: int) -> dict[str
     t0 = time.perf_counter()
     reports: list[dict[str, Any]] = []
     run_trial(standalone_trial(spec, METHOD, lr, rank, 0, Path(data_dir)), lambda m, _d: reports.append(m))
-    return {"seconds": time.perf_counter() - t0, "setup_s": float(reports[0]["setup_s"])}
+    last = reports[-1]
+    return {
+        "seconds": time.perf_counter() - t0,
+        "setup_s": float(reports[0]["setup_s"]),
+        "tokens_per_s": float(last.get("tokens_per_s", "nan")),
+    }
 
 
 # --- fixed: per-trial fixed cost against the peer ---
@@ -208,6 +213,11 @@ def wall(args: argparse.Namespace, console: Console, rnd: int) -> dict[str, Any]
         "cold_start_peftsweep_s": cold,
         "cold_start_bare_s": first_bare["started_wall"] + first_bare["setup_s"] - t1,
         "trial_s_median": statistics.median(r["seconds"] for r in bare_run["trials"]),
+        # where a trial's time goes on each side: its own seconds (MLflow run start → end) and tokens/s
+        "trial_s_peftsweep": [(r.info.end_time - r.info.start_time) / 1000 for r in runs],
+        "trial_s_bare": [r["seconds"] for r in bare_run["trials"]],
+        "tokens_per_s_peftsweep": statistics.median(r.data.metrics["tokens_per_s"] for r in runs),
+        "tokens_per_s_bare": statistics.median(r["tokens_per_s"] for r in bare_run["trials"]),
     }
 
 

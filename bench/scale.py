@@ -625,6 +625,7 @@ def store_latency(kind: str, args: argparse.Namespace, console: Console) -> dict
                 ml, ot = ml + t1 - t0, ot + t2 - t1
             t0 = time.perf_counter()
             tracker.finish_trial(record, None)
+            tracker.flush()  # the trial's writes done: they run on the tracker's writer thread
             t1 = time.perf_counter()
             study.tell(trial, value)
             t2 = time.perf_counter()

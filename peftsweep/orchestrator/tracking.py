@@ -97,6 +97,40 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
+class _Writes:
+    """MLflow writes that no decision waits for, run in order on one thread of their own.
+
+    Why: Tune calls the recorder on its one event-loop thread, and every result it has not handled holds a
+    trial that has reported (a function trainable waits for the driver after each report). Writing a
+    trial's results and artifacts there took ~100 ms a trial, most of the driver's time at 8 concurrent
+    trials (bench/scale.py); in this thread it overlaps the loop. What the driver decides with (the records,
+    their statuses and metrics) is still updated at once, on the loop's thread; only MLflow lags, by the
+    queue (usually empty). A write's error is raised on the driver's thread at the next write or at
+    `flush`, as it was raised by the write itself before.
+    """
+
+    def __init__(self) -> None:
+        from collections import deque
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="peftsweep-mlflow")
+        self._pending: deque[Future[None]] = deque()
+
+    def submit(self, write: Callable[[], None]) -> None:
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()  # an earlier write's error, here on the driver's thread
+        self._pending.append(self._pool.submit(write))
+
+    def flush(self) -> None:
+        """Wait for every write submitted so far; raise the first that failed (the rest still run)."""
+        first: BaseException | None = None
+        while self._pending:
+            error = self._pending.popleft().exception()
+            first = first or error
+        if first is not None:
+            raise first
+
+
 class SweepTracker:
     """Opens the sweep's MLflow experiment and parent run, and one child run per method."""
 
@@ -112,6 +146,7 @@ class SweepTracker:
         # every suggestion; scanning all trials there grows with the sweep: bench/scale.py)
         self._by_method: dict[str, list[TrialRecord]] = {}
         self.killed: list[str] = []  # run ids of trials a dead driver left RUNNING (resume only)
+        self._writes = _Writes()  # a trial's params, results and outcome (`_Writes`)
         latest = self._latest_sweep_run() if resume else None
         if latest is not None:
             self.sweep_run_id = latest
@@ -273,7 +308,8 @@ class SweepTracker:
             "executor": executor_for(self.spec),
             **{f"option.{k}": v for k, v in mspec.options.items()},
         }
-        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        batch = [Param(k, str(v)) for k, v in params.items()]
+        self._writes.submit(lambda: self.client.log_batch(run_id, params=batch))
         record = TrialRecord(
             method, trial.trial_id, run_id, trial.lr, trial.rank, seed=trial.seed, role=trial.role
         )
@@ -289,31 +325,49 @@ class SweepTracker:
         if result.get(NODE_KEY) and result[NODE_KEY] != record.node:  # a first result, or a restart elsewhere
             record.node = str(result[NODE_KEY])
             tags = [RunTag(NODE_TAG, record.node), RunTag(HOST_TAG, str(result.get(HOST_KEY, "")))]
-        self.client.log_batch(record.run_id, metrics=metrics, tags=tags)
+        self._writes.submit(lambda: self.client.log_batch(record.run_id, metrics=metrics, tags=tags))
         record.metrics = {k: float(result[k]) for k in names if k in result}
         record.metrics["step"] = step
         if result.get(FAILURE_KEY):
             record.failure = str(result[FAILURE_KEY])
 
     def finish_trial(
-        self, record: TrialRecord, checkpoint_path: str | None, error: str | None = None
+        self,
+        record: TrialRecord,
+        checkpoint_path: str | None,
+        error: str | None = None,
+        then: Callable[[], None] = lambda: None,
     ) -> None:
+        """The trial's outcome, at once in ``record``; in MLflow (its error, its adapter files, its status)
+        by the writer thread, which calls ``then`` afterwards (e.g. drop the checkpoint it copied)."""
         if error is not None or record.metrics.get("oom"):
             record.status = "failed"
             record.failure = record.failure or first_error_line(error or "failed")
-            self.client.log_text(record.run_id, error or record.failure, "error.txt")
-            self.client.set_tag(record.run_id, FAILURE_TAG, record.failure[:500])
         elif record.metrics.get("diverged"):
             record.status = "diverged"
         elif record.metrics.get("step", 0) < self.spec.training.max_steps:
             record.status = "stopped_early"
         else:
             record.status = "completed"
-        if checkpoint_path and Path(checkpoint_path).is_dir():
-            self._log_adapter(record.run_id, Path(checkpoint_path))
-            record.has_adapter = True
-        self.client.set_tag(record.run_id, OUTCOME_TAG, record.status)
-        self.client.set_terminated(record.run_id, "FAILED" if record.status == "failed" else "FINISHED")
+        checkpoint = Path(checkpoint_path) if checkpoint_path and Path(checkpoint_path).is_dir() else None
+        record.has_adapter = checkpoint is not None
+        status, failure, run_id = record.status, record.failure, record.run_id
+
+        def write() -> None:
+            if status == "failed":
+                self.client.log_text(run_id, error or failure, "error.txt")
+                self.client.set_tag(run_id, FAILURE_TAG, failure[:500])
+            if checkpoint is not None:
+                self._log_adapter(run_id, checkpoint)
+            self.client.set_tag(run_id, OUTCOME_TAG, status)
+            self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+            then()
+
+        self._writes.submit(write)
+
+    def flush(self) -> None:
+        """Wait until MLflow holds every write made so far (`_Writes`): before anything reads MLflow back."""
+        self._writes.flush()
 
     def _log_adapter(self, run_id: str, checkpoint: Path) -> None:
         """The checkpoint's adapter files, not its resume state (optimizer moments are not the product)."""
@@ -395,6 +449,7 @@ class SweepTracker:
         Everything here reads `scoring`, like the final table, the report and `peftsweep best`."""
         from peftsweep.orchestrator.logged_model import tracking_uri
 
+        self.flush()  # the trials' adapters are logged
         # MLflow's own URI: its sqlalchemy registry resolves a version's models:/ source through it
         with tracking_uri(self.spec.tracking.mlflow_tracking_uri()):
             return self._register(gate)
@@ -498,6 +553,12 @@ class SweepTracker:
         return True
 
     def finish_sweep(self, status: str = "FINISHED") -> None:
+        try:
+            self.flush()
+        except Exception:  # a failed sweep still closes its runs; a finished one says what was not written
+            if status == "FINISHED":
+                raise
+            _log.warning("an MLflow write of the failed sweep failed too", exc_info=True)
         for trial in self.trials.values():  # no RUNNING leftovers, whatever happened
             if trial.status == "running":
                 self.client.set_terminated(trial.run_id, "KILLED")
@@ -540,8 +601,12 @@ class TrialRecorder(Callback):
         if record is None:  # it failed before it started (its actor never came up, e.g. its node died)
             record = self.tracker.start_trial(trial.config[TRIAL_KEY])
         checkpoint = latest_checkpoint(trial)
-        self.tracker.finish_trial(record, str(checkpoint) if checkpoint else None, error=error)
-        prune_finished(checkpoint)  # its adapter is in MLflow now
+        self.tracker.finish_trial(
+            record,
+            str(checkpoint) if checkpoint else None,
+            error=error,
+            then=lambda: prune_finished(checkpoint),  # once its adapter is in MLflow
+        )
         self.on_change()
 
 
