@@ -9,7 +9,8 @@ wall     `peftsweep run` (a subprocess: Ray, Tune, MLflow, Optuna, report, regis
          trials of `--steps` steps (no early stopping), 2 at a time, against this file as a bare script
          running the same configs through the same loop (`run_trial`) 2 at a time in 2 processes with no
          Ray/MLflow/Optuna. Wall ratio of the two commands, and cold start (command start → first training
-         step: the first trial's MLflow run start + its reported setup_s; the bare script likewise).
+         step: the first trial's MLflow run start + its reported setup_s; the bare script likewise). The side that goes
+         first alternates by round; each side's trial seconds and tokens/s are kept.
 train    two-worker Ray Train `TorchTrainer` + DeepSpeed trials (`--train-trials` of `--fixed-steps` steps,
          one at a time) with Ray Train's defaults (controller poll 2 s, preemption watcher on: what a trial
          cost before issue 17) and with peftsweep's settings (`orchestrator.trial.TRAIN_ENV`): per-trial wall.
@@ -180,44 +181,70 @@ def _bare_in_pool(job: tuple[str, str, dict[str, float]]) -> dict[str, float]:
 
 
 def wall(args: argparse.Namespace, console: Console, rnd: int) -> dict[str, Any]:
-    from mlflow.tracking import MlflowClient
-
+    """One round: `peftsweep run` and the bare script on the same configs, the side that goes first
+    alternating by round (a machine whose speed drifts favours neither side)."""
     out = args.work / f"wall-{rnd}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     spec_path = out / "overhead.yaml"
     spec_path.write_text(json.dumps(bench_spec(out / "runs", args.trials, args.steps, concurrent=2)))
+    sides = [("peftsweep", _wall_peftsweep), ("bare", _wall_bare)]
+    measured: dict[str, dict[str, Any]] = {}
+    for name, side in sides if rnd % 2 == 0 else sides[::-1]:
+        console.print(f"[wall {rnd}] {name}: {args.trials} trials × {args.steps} steps, 2 at a time")
+        measured[name] = side(args, spec_path, out)
+    ours, bare = measured["peftsweep"], measured["bare"]
+    return {
+        "first": "peftsweep" if rnd % 2 == 0 else "bare",
+        "wall_peftsweep_s": ours["wall_s"],
+        "wall_bare_s": bare["wall_s"],
+        "ratio": ours["wall_s"] / bare["wall_s"],
+        "cold_start_peftsweep_s": ours["cold_start_s"],
+        "cold_start_bare_s": bare["cold_start_s"],
+        "trial_s_median": statistics.median(bare["trial_s"]),
+        # where a trial's time goes on each side: its own seconds and the training steps' tokens/s
+        "trial_s_peftsweep": ours["trial_s"],
+        "trial_s_bare": bare["trial_s"],
+        "tokens_per_s_peftsweep": ours["tokens_per_s"],
+        "tokens_per_s_bare": bare["tokens_per_s"],
+    }
+
+
+def _wall_peftsweep(args: argparse.Namespace, spec_path: Path, out: Path) -> dict[str, Any]:
+    """`peftsweep run` as a user runs it; its trials as MLflow recorded them (run start → end)."""
+    from mlflow.tracking import MlflowClient
+
     cli = str(Path(sys.executable).with_name("peftsweep"))
-    console.print(f"[wall {rnd}] peftsweep run: {args.trials} trials × {args.steps} steps, 2 at a time")
     t0 = time.time()
     _run([cli, "run", str(spec_path)], out)
-    ours = time.time() - t0
+    wall_s = time.time() - t0
     spec = load_spec(spec_path)
     client = MlflowClient(spec.tracking.mlflow_tracking_uri())
     exp = client.get_experiment_by_name(spec.name)
     runs = client.search_runs([exp.experiment_id], "tags.`peftsweep.level` = 'trial'", max_results=100)
     first = min(runs, key=lambda r: r.info.start_time)
-    cold = first.info.start_time / 1000 + first.data.metrics["setup_s"] - t0
-    console.print(f"[wall {rnd}] bare script: the same configs through run_trial, 2 processes")
+    return {
+        "wall_s": wall_s,
+        "cold_start_s": first.info.start_time / 1000 + first.data.metrics["setup_s"] - t0,
+        "trial_s": [(r.info.end_time - r.info.start_time) / 1000 for r in runs],
+        "tokens_per_s": statistics.median(r.data.metrics["tokens_per_s"] for r in runs),
+    }
+
+
+def _wall_bare(args: argparse.Namespace, spec_path: Path, out: Path) -> dict[str, Any]:
+    """This file as the bare script (`bare_side`), in its own process."""
     bare_json = out / "bare.json"
-    t1 = time.time()
+    t0 = time.time()
     bare_cmd = [sys.executable, __file__, "--side", "bare", str(spec_path), str(bare_json)]
     _run(bare_cmd + ["--trials", str(args.trials)], out)
-    bare = time.time() - t1
-    bare_run = json.loads(bare_json.read_text())
-    first_bare = min(bare_run["trials"], key=lambda r: r["started_wall"])
+    wall_s = time.time() - t0
+    trials = json.loads(bare_json.read_text())["trials"]
+    first = min(trials, key=lambda r: r["started_wall"])
     return {
-        "wall_peftsweep_s": ours,
-        "wall_bare_s": bare,
-        "ratio": ours / bare,
-        "cold_start_peftsweep_s": cold,
-        "cold_start_bare_s": first_bare["started_wall"] + first_bare["setup_s"] - t1,
-        "trial_s_median": statistics.median(r["seconds"] for r in bare_run["trials"]),
-        # where a trial's time goes on each side: its own seconds (MLflow run start → end) and tokens/s
-        "trial_s_peftsweep": [(r.info.end_time - r.info.start_time) / 1000 for r in runs],
-        "trial_s_bare": [r["seconds"] for r in bare_run["trials"]],
-        "tokens_per_s_peftsweep": statistics.median(r.data.metrics["tokens_per_s"] for r in runs),
-        "tokens_per_s_bare": statistics.median(r["tokens_per_s"] for r in bare_run["trials"]),
+        "wall_s": wall_s,
+        "cold_start_s": first["started_wall"] + first["setup_s"] - t0,
+        "trial_s": [r["seconds"] for r in trials],
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in trials),
     }
 
 
@@ -424,6 +451,7 @@ def main() -> None:
 
 
 def print_tables(result: dict[str, Any], console: Console) -> None:
+    nan = float("nan")
     if result.get("fixed"):
         table = Table(title="per-trial fixed cost, one trial at a time: (Tune fit − bare trials) / trials")
         for col in ("round", "peer s", "peftsweep s", "peftsweep / peer", "target"):
@@ -436,13 +464,16 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
         console.print(table)
     if result.get("wall"):
         table = Table(title="peftsweep run vs a bare script, the same trials 2 at a time")
-        for col in ("round", "trial s", "peftsweep s", "bare s", "ratio", "cold start peftsweep / bare s"):
+        cols = ("round", "first", "trial s", "peftsweep s", "bare s", "ratio",
+                "cold start peftsweep / bare s", "tokens/s peftsweep / bare")  # fmt: skip
+        for col in cols:
             table.add_column(col, justify="right")
         for i, w in enumerate(result["wall"]):
             table.add_row(
-                str(i), f"{w['trial_s_median']:.0f}", f"{w['wall_peftsweep_s']:.0f}",
-                f"{w['wall_bare_s']:.0f}", f"{w['ratio']:.3f}",
+                str(i), w.get("first", "peftsweep"), f"{w['trial_s_median']:.0f}",
+                f"{w['wall_peftsweep_s']:.0f}", f"{w['wall_bare_s']:.0f}", f"{w['ratio']:.3f}",
                 f"{w['cold_start_peftsweep_s']:.1f} / {w['cold_start_bare_s']:.1f}",
+                f"{w.get('tokens_per_s_peftsweep', nan):.0f} / {w.get('tokens_per_s_bare', nan):.0f}",
             )  # fmt: skip
         console.print(table)
     if result.get("train"):
