@@ -9,8 +9,8 @@ wall     `peftsweep run` (a subprocess: Ray, Tune, MLflow, Optuna, report, regis
          trials of `--steps` steps (no early stopping), 2 at a time, against this file as a bare script
          running the same configs through the same loop (`run_trial`) 2 at a time in 2 processes with no
          Ray/MLflow/Optuna. Wall ratio of the two commands, and cold start (command start → first training
-         step: the first trial's MLflow run start + its reported setup_s; the bare script likewise). The side that goes
-         first alternates by round; each side's trial seconds and tokens/s are kept.
+         step: the first trial's MLflow run start + its reported setup_s; the bare script likewise). The
+         side that goes first alternates by round; each side's trial seconds and tokens/s are kept.
 train    two-worker Ray Train `TorchTrainer` + DeepSpeed trials (`--train-trials` of `--fixed-steps` steps,
          one at a time) with Ray Train's defaults (controller poll 2 s, preemption watcher on: what a trial
          cost before issue 17) and with peftsweep's settings (`orchestrator.trial.TRAIN_ENV`): per-trial wall.

@@ -381,7 +381,7 @@ def scale(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from rich.live import Live
 
     from peftsweep.orchestrator import sweep
-    from peftsweep.orchestrator.progress import SweepProgress
+    from peftsweep.orchestrator.progress import REFRESH_PER_SECOND, SweepProgress
     from peftsweep.orchestrator.tracking import SweepTracker, TrialRecorder
 
     work = args.work / "scale"
@@ -402,7 +402,8 @@ def scale(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             tracker = SweepTracker(spec)
             progress = SweepProgress(spec, tracker)
             null = Console(file=io.StringIO(), force_terminal=True, width=160)  # rendered, not shown
-            with Live(progress, console=null, refresh_per_second=2) as live:  # as `_run_locked` does
+            # as `_run_locked` does
+            with Live(progress, console=null, refresh_per_second=REFRESH_PER_SECOND) as live:
                 progress.live = live
                 method_runs = sweep._method_runs(spec, work, tracker, False, {}, time.monotonic())
                 trainable = replay_trainable(spec, runs, args.pace, work / "adapters", log)

@@ -26,6 +26,9 @@ MAX_ROWS = 12  # method rows of the live table; beyond, the rest are one summary
 PER_TRIAL_LINES_UP_TO = 6  # methods up to which every finished trial gets a line; beyond, milestones
 MILESTONES = 10  # with many methods: a line each time another 1/MILESTONES of the search budget is done
 FINISHED = ("completed", "stopped_early", "diverged", "failed")
+# Live's redraws a second. Rendering the table takes the driver's GIL for ~35 ms at 20 methods, which Tune's
+# event loop then waits for; at 2 a second that was ~7 % of a core during a big sweep (bench/scale.py).
+REFRESH_PER_SECOND = 1
 
 
 def snapshot(tracker: SweepTracker) -> list[TrialRecord]:

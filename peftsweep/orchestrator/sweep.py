@@ -653,7 +653,7 @@ def _run_locked(
     t0: float,
 ) -> SweepResult:
     """`run_sweep` under the sweep's lock."""
-    from peftsweep.orchestrator.progress import SweepProgress
+    from peftsweep.orchestrator.progress import REFRESH_PER_SECOND, SweepProgress
     from peftsweep.orchestrator.tracking import SweepTracker, TrialRecorder
     from peftsweep.orchestrator.trial import describe
 
@@ -679,7 +679,7 @@ def _run_locked(
             )
         progress = SweepProgress(spec, tracker)
         # The progress renders itself at Live's refresh rate (never per Tune event: progress.py).
-        with Live(progress, console=console, refresh_per_second=2) as live:
+        with Live(progress, console=console, refresh_per_second=REFRESH_PER_SECOND) as live:
             progress.live = live
             curvature = _curvatures(spec, data_dir, console) if spec.search.lr_prior != "none" else {}
             runs = _method_runs(spec, data_dir, tracker, resume, curvature, t0, nightly=tags is not None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -138,6 +139,9 @@ class SweepTracker:
         """A new sweep run (with extra ``tags``); with ``resume``, the latest sweep run of this spec reopened
         (see `_reload`)."""
         self.spec = spec
+        # With a tracking server, MLflow fetches the whole run again to print a "View run" line each time a
+        # run ends: one more request per trial on the writer thread, and lines through the live table.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.client = RedactingClient(tracking_uri=spec.tracking.mlflow_tracking_uri())
         self.experiment_id = self._experiment()
         self.method_runs: dict[str, str] = {}
