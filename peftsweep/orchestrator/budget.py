@@ -60,12 +60,13 @@ class BudgetedSearch(Searcher):
         """(finished, running) trials of the Optuna study, the source of truth (resumed trials included)."""
         import optuna
 
+        state = optuna.trial.TrialState
         study = self.searcher._ot_study  # OptunaSearch's study (created in its constructor)
-        finished = study.get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        )
-        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        return len(finished), len(running)
+        # One read: each get_trials re-reads the study's unfinished trials from the store (SQL round trips
+        # on the Tune event loop, bench/scale.py).
+        trials = study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING))
+        running = sum(t.state == state.RUNNING for t in trials)
+        return len(trials) - running, running
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if self.created >= self.max_trials:
