@@ -417,6 +417,7 @@ def scale(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                     spec, method_runs, [TrialRecorder(tracker, progress.update), sampler], on_done=done,
                     trainable=trainable,
                 )  # fmt: skip
+                tracker.flush()  # the wall includes the MLflow writes still queued on the writer thread
                 t1 = time.time()
             tracker.finish_sweep("FINISHED")
         sampler.samples.append(sampler.sample())
