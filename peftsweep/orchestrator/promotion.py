@@ -10,25 +10,13 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from peftsweep.orchestrator.tracking import ADAPTER_ARTIFACT, CHAMPION_ALIAS
+from peftsweep.orchestrator.tracking import ADAPTER_ARTIFACT, CHAMPION_ALIAS, GateDecision
 from peftsweep.spec import SweepSpec
 
 # evaluate(spec, data_dir, adapter_dir) -> metrics; a Ray task in a sweep, a plain call in tests
 Evaluator = Callable[[dict[str, Any], str, str], dict[str, float]]
-
-
-@dataclass(frozen=True)
-class GateDecision:
-    """What the gate decided and why; the numbers are both adapters' scores on the same rows."""
-
-    promoted: bool
-    reason: str
-    new_score: float | None = None
-    champion_score: float | None = None
-    champion_version: str | None = None
 
 
 def decide(new: float, old: float, direction: str, margin: float) -> bool:

@@ -28,8 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from peftsweep.orchestrator.methods import MethodRun
-    from peftsweep.orchestrator.promotion import GateDecision
-    from peftsweep.orchestrator.tracking import SweepTracker, TrialRecord
+    from peftsweep.orchestrator.tracking import GateDecision, SweepTracker, TrialRecord
 
 
 @dataclass

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
@@ -36,9 +36,6 @@ from peftsweep.vocab import (
     TRAINER_STATE,
     trial_metric_names,
 )
-
-if TYPE_CHECKING:
-    from peftsweep.orchestrator.promotion import GateDecision
 
 _log = logging.getLogger(__name__)
 
@@ -75,6 +72,19 @@ class TrialRecord:
     has_adapter: bool = False
     failure: str = ""  # why it failed (status failed)
     node: str = ""  # the Ray node id of its rank-0 worker (the latest, after a restart)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What the promotion gate (`promotion.run_gate`) decided and why; the numbers are both adapters' scores
+    on the same rows. Here, beside the registry that acts on it, so that tracking needs nothing of
+    promotion (which reads the registry)."""
+
+    promoted: bool
+    reason: str
+    new_score: float | None = None
+    champion_score: float | None = None
+    champion_version: str | None = None
 
 
 # "OSError: …", "torch.OutOfMemoryError: …", "peftsweep.trainables.faults.SetupStalled: …" (not Ray's wrapper)
@@ -354,7 +364,8 @@ class SweepTracker:
         else:
             record.status = "completed"
         checkpoint = Path(checkpoint_path) if checkpoint_path and Path(checkpoint_path).is_dir() else None
-        record.has_adapter = checkpoint is not None
+        if checkpoint is not None:
+            record.has_adapter = True
         status, failure, run_id = record.status, record.failure, record.run_id
 
         def write() -> None:
