@@ -25,6 +25,7 @@ from peftsweep.orchestrator import scoring
 from peftsweep.orchestrator.redact import RedactingClient
 from peftsweep.orchestrator.scoring import ConfigScore, RunRecord, run_record
 from peftsweep.orchestrator.trial import executor_for, prune_finished
+from peftsweep.orchestrator.writes import Writes
 from peftsweep.spec import SweepSpec
 from peftsweep.trainables.trial_config import TRIAL_KEY, TrialConfig
 from peftsweep.vocab import (
@@ -108,40 +109,6 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-class _Writes:
-    """MLflow writes that no decision waits for, run in order on one thread of their own.
-
-    Why: Tune calls the recorder on its one event-loop thread, and every result it has not handled holds a
-    trial that has reported (a function trainable waits for the driver after each report). Writing a
-    trial's results and artifacts there took ~100 ms a trial, most of the driver's time at 8 concurrent
-    trials (bench/scale.py); in this thread it overlaps the loop. What the driver decides with (the records,
-    their statuses and metrics) is still updated at once, on the loop's thread; only MLflow lags, by the
-    queue (usually empty). A write's error is raised on the driver's thread at the next write or at
-    `flush`, as it was raised by the write itself before.
-    """
-
-    def __init__(self) -> None:
-        from collections import deque
-        from concurrent.futures import Future, ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="peftsweep-mlflow")
-        self._pending: deque[Future[None]] = deque()
-
-    def submit(self, write: Callable[[], None]) -> None:
-        while self._pending and self._pending[0].done():
-            self._pending.popleft().result()  # an earlier write's error, here on the driver's thread
-        self._pending.append(self._pool.submit(write))
-
-    def flush(self) -> None:
-        """Wait for every write submitted so far; raise the first that failed (the rest still run)."""
-        first: BaseException | None = None
-        while self._pending:
-            error = self._pending.popleft().exception()
-            first = first or error
-        if first is not None:
-            raise first
-
-
 class SweepTracker:
     """Opens the sweep's MLflow experiment and parent run, and one child run per method."""
 
@@ -160,7 +127,7 @@ class SweepTracker:
         # every suggestion; scanning all trials there grows with the sweep: bench/scale.py)
         self._by_method: dict[str, list[TrialRecord]] = {}
         self.killed: list[str] = []  # run ids of trials a dead driver left RUNNING (resume only)
-        self._writes = _Writes()  # a trial's params, results and outcome (`_Writes`)
+        self._writes = Writes("peftsweep-mlflow")  # a trial's params, results and outcome (`writes`)
         latest = self._latest_sweep_run() if resume else None
         if latest is not None:
             self.sweep_run_id = latest
@@ -381,7 +348,7 @@ class SweepTracker:
         self._writes.submit(write)
 
     def flush(self) -> None:
-        """Wait until MLflow holds every write made so far (`_Writes`): before anything reads MLflow back."""
+        """Wait until MLflow holds every write made so far (`writes`): before anything reads MLflow back."""
         self._writes.flush()
 
     def _log_adapter(self, run_id: str, checkpoint: Path) -> None:
