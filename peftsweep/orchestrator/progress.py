@@ -129,7 +129,7 @@ class SweepProgress:
         metric = self.spec.search.metric or ""
         records = [scoring.run_record(t, metric) for t in mine if t.status in FINISHED]
         chosen = scoring.representative(records, self.spec.search.direction)
-        return next((t for t in mine if t.run_id == chosen.run_id), None) if chosen else None
+        return next((t for t in mine if t.trial_id == chosen.trial_id), None) if chosen else None
 
     def _leaders(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """All rows in spec order when they fit; else the best so far first (ties: trials running first)."""

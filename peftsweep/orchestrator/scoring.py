@@ -57,6 +57,7 @@ class RunRecord:
     role: str = "search"  # search (Optuna's) | confirm (a top configuration re-run with another seed)
     has_adapter: bool = False
     run_id: str = ""
+    trial_id: str = ""  # the tracker's key (a trial's run id is filled in once MLflow has created the run)
 
 
 def run_record(trial: Any, metric: str) -> RunRecord:
@@ -76,6 +77,7 @@ def run_record(trial: Any, metric: str) -> RunRecord:
         role=str(getattr(trial, "role", "search")),
         has_adapter=bool(getattr(trial, "has_adapter", False)),
         run_id=str(getattr(trial, "run_id", "")),
+        trial_id=str(getattr(trial, "trial_id", "")),
     )
 
 

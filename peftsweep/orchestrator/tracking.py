@@ -63,7 +63,7 @@ class TrialRecord:
 
     method: str
     trial_id: str
-    run_id: str
+    run_id: str  # "" until the writer thread has created the trial's MLflow run (`SweepTracker.start_trial`)
     lr: float
     rank: int
     status: str = "running"  # running | completed | stopped_early | diverged | failed | killed
@@ -257,23 +257,39 @@ class SweepTracker:
         )
 
     def start_trial(self, trial: TrialConfig) -> TrialRecord:
-        """The trial's MLflow run under its method's run, with the parameters it trains with."""
+        """The trial's record at once; its MLflow run under its method's run, with the parameters it trains
+        with, by the writer thread (creating a run took ~20 ms on Tune's thread with a tracking server:
+        bench/scale.py). The record's ``run_id`` is filled in there, before any other write of the trial."""
+        method = trial.method
+        record = TrialRecord(
+            method, trial.trial_id, "", trial.lr, trial.rank, seed=trial.seed, role=trial.role
+        )
+        tags = {
+            "mlflow.parentRunId": self.method_runs[method],
+            LEVEL_TAG: "trial",
+            METHOD_TAG: method,
+            ROLE_TAG: trial.role,
+            "peftsweep.trial_id": trial.trial_id,
+            **({DRILL_TAG: trial.fault.label()} if trial.fault else {}),
+        }
+        run_name = f"{method}-{trial.trial_id}" + (f"-seed{trial.seed}" if trial.role == "confirm" else "")
+        batch = [Param(k, str(v)) for k, v in self._trial_params(trial).items()]
+
+        def write() -> None:
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            record.run_id = run.info.run_id
+            self.client.log_batch(record.run_id, params=batch)
+
+        self._writes.submit(write)
+        self._add(record)
+        return record
+
+    def _trial_params(self, trial: TrialConfig) -> dict[str, Any]:
+        """What a trial's MLflow run records as its parameters."""
         from peftsweep.trainables.engine import engine_for
 
         method, mspec = trial.method, self.spec.method(trial.method)
-        run_id = self.client.create_run(
-            self.experiment_id,
-            run_name=f"{method}-{trial.trial_id}" + (f"-seed{trial.seed}" if trial.role == "confirm" else ""),
-            tags={
-                "mlflow.parentRunId": self.method_runs[method],
-                LEVEL_TAG: "trial",
-                METHOD_TAG: method,
-                ROLE_TAG: trial.role,
-                "peftsweep.trial_id": trial.trial_id,
-                **({DRILL_TAG: trial.fault.label()} if trial.fault else {}),
-            },
-        ).info.run_id
-        params = {
+        return {
             "method": method,
             "lr": trial.lr,
             "rank": trial.rank,  # 0: the method has no rank
@@ -289,13 +305,6 @@ class SweepTracker:
             "executor": executor_for(self.spec),
             **{f"option.{k}": v for k, v in mspec.options.items()},
         }
-        batch = [Param(k, str(v)) for k, v in params.items()]
-        self._writes.submit(lambda: self.client.log_batch(run_id, params=batch))
-        record = TrialRecord(
-            method, trial.trial_id, run_id, trial.lr, trial.rank, seed=trial.seed, role=trial.role
-        )
-        self._add(record)
-        return record
 
     def log_result(self, record: TrialRecord, result: dict[str, Any]) -> None:
         step = int(result.get(STEP, 0))
@@ -333,9 +342,10 @@ class SweepTracker:
         checkpoint = Path(checkpoint_path) if checkpoint_path and Path(checkpoint_path).is_dir() else None
         if checkpoint is not None:
             record.has_adapter = True
-        status, failure, run_id = record.status, record.failure, record.run_id
+        status, failure = record.status, record.failure
 
         def write() -> None:
+            run_id = record.run_id  # created by an earlier write
             if status == "failed":
                 self.client.log_text(run_id, error or failure, "error.txt")
                 self.client.set_tag(run_id, FAILURE_TAG, failure[:500])
@@ -396,7 +406,7 @@ class SweepTracker:
         chosen = scoring.representative(self.records(method), self.spec.search.direction)
         if chosen is None:
             return None
-        return next((t for t in self._by_method.get(method, []) if t.run_id == chosen.run_id), None)
+        return next((t for t in self._by_method.get(method, []) if t.trial_id == chosen.trial_id), None)
 
     def champion_method(self) -> str | None:
         """The best-scored method (`scoring.best_method`): what becomes champion or challenger."""
@@ -404,6 +414,7 @@ class SweepTracker:
         return scoring.best_method(scores, self.spec.search.direction)
 
     def finish_method(self, method: str) -> TrialRecord | None:
+        self.flush()  # its trials' runs exist (the best one's run id is a tag of the method's run)
         best, score = self.best_trial(method), self.method_score(method)
         run_id = self.method_runs[method]
         if best is not None and score is not None:
@@ -542,7 +553,7 @@ class SweepTracker:
                 raise
             _log.warning("an MLflow write of the failed sweep failed too", exc_info=True)
         for trial in self.trials.values():  # no RUNNING leftovers, whatever happened
-            if trial.status == "running":
+            if trial.status == "running" and trial.run_id:  # "": its run was never created
                 self.client.set_terminated(trial.run_id, "KILLED")
         for run_id in self.method_runs.values():
             if self.client.get_run(run_id).info.status == "RUNNING":

@@ -3,6 +3,7 @@ MLflow store, a stand-in Tune trial."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,9 +55,18 @@ def _tracker(tmp_path: Path) -> SweepTracker:
     return tracker
 
 
-def test_a_trials_writes_reach_mlflow_in_order_and_the_records_at_once(tmp_path: Path) -> None:
-    """MLflow writes run on the tracker's writer thread; the driver's records do not wait for them."""
+def test_a_trials_writes_reach_mlflow_in_order_and_the_records_at_once(tmp_path: Path, monkeypatch) -> None:
+    """MLflow writes run on the tracker's writer thread, the run's creation included; the driver's records
+    do not wait for them."""
     tracker = _tracker(tmp_path)
+    creators: list[str] = []
+    create_run = tracker.client.create_run
+
+    def spy(*args: object, **kwargs: object) -> object:
+        creators.append(threading.current_thread().name)
+        return create_run(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "create_run", spy)
     adapter = tmp_path / "checkpoint_000001"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
@@ -79,6 +89,8 @@ def test_a_trials_writes_reach_mlflow_in_order_and_the_records_at_once(tmp_path:
     assert run.info.status == "FINISHED" and run.data.tags[OUTCOME_TAG] == "completed"
     assert run.data.params["lr"] == "0.001"
     assert pruned == [True]  # `then` ran once, after the adapter was in MLflow
+    assert len(creators) == 1 and creators[0] != threading.current_thread().name
+    assert run.data.tags["peftsweep.trial_id"] == record.trial_id
 
 
 def tracker_has_adapter(tracker: SweepTracker, record: object) -> bool:
