@@ -57,6 +57,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -303,6 +304,18 @@ class Probes:
             self._undo.clear()
 
 
+def memory_growth(baseline: Any, top: int = 12) -> list[dict[str, Any]]:
+    """Where the driver's Python allocations grew since ``baseline`` (a tracemalloc snapshot), largest first,
+    each with its allocating stack (innermost last): what holds the memory a sweep adds per trial."""
+    skip = (tracemalloc.Filter(False, tracemalloc.__file__),)
+    now = tracemalloc.take_snapshot().filter_traces(skip)
+    stats = now.compare_to(baseline.filter_traces(skip), "traceback")
+    return [
+        {"kib": round(st.size_diff / 1024, 1), "blocks": st.count_diff, "stack": st.traceback.format()[-12:]}
+        for st in stats[:top]
+    ]
+
+
 def sampler_callback(every: int) -> Any:
     """A Tune callback sampling the driver's RSS (MiB) and CPU seconds every ``every`` completed trials."""
     import psutil
@@ -313,6 +326,7 @@ def sampler_callback(every: int) -> Any:
             self.process = psutil.Process()
             self.done = 0
             self.samples: list[tuple[int, float, float, float]] = [self.sample()]
+            self.baseline: Any = None
 
         def sample(self) -> tuple[int, float, float, float]:
             cpu = self.process.cpu_times()
@@ -325,6 +339,8 @@ def sampler_callback(every: int) -> Any:
             self.done += 1
             if self.done % every == 0:
                 self.samples.append(self.sample())
+                if self.done == every and tracemalloc.is_tracing():  # the baseline of `memory_growth`
+                    self.baseline = tracemalloc.take_snapshot()
 
         on_trial_error = on_trial_complete
 
@@ -398,6 +414,8 @@ def scale(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             f"{args.gpus_per_trial} GPUs on {args.nodes} nodes ({resources}), store {args.store}"
         )
         probes, sampler = Probes(), sampler_callback(SAMPLE_EVERY)
+        if args.tracemalloc:
+            tracemalloc.start(args.tracemalloc)
         with probes.installed():
             tracker = SweepTracker(spec)
             progress = SweepProgress(spec, tracker)
@@ -437,6 +455,9 @@ def scale(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         out["decisions_per_s"] = decision_rate(probes)
         out["integrity"] = integrity(spec, tracker, read_log(log))
         out["display"] = display_stats(null.file.getvalue())
+        if sampler.baseline is not None:
+            out["memory_growth"] = memory_growth(sampler.baseline)
+            tracemalloc.stop()
     return out
 
 
@@ -815,6 +836,11 @@ def main() -> None:
     parser.add_argument("--store-trials", type=int, default=2000, help="stores: trials written per store")
     parser.add_argument("--reps", type=int, default=3, help="quickstart: parallel/sequence pairs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tracemalloc", type=int, default=0, metavar="FRAMES",
+        help="scale: trace the driver's allocations (slow) and list where they grew after the first "
+        f"{SAMPLE_EVERY} trials, with stacks of FRAMES frames (0: off)",
+    )  # fmt: skip
     parser.add_argument("--grid", type=Path, default=RESULTS / "grid.jsonl")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "peftsweep-bench-scale")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
