@@ -194,6 +194,7 @@ class SweepScheduler(TrialScheduler):
         self.make = make
         self.schedulers: dict[str, TrialScheduler] = {}
         self.fifo = FIFOScheduler()
+        self.unfinished: list[Any] = []  # trials added and not yet ended, in the order they were added
 
     def __reduce__(self) -> tuple:
         return (SweepScheduler, (FIFOScheduler,))  # see SweepSearch.__reduce__
@@ -210,6 +211,7 @@ class SweepScheduler(TrialScheduler):
         return self.schedulers[config.method]
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self.unfinished.append(trial)
         self._for(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
@@ -225,7 +227,17 @@ class SweepScheduler(TrialScheduler):
         self._for(trial).on_trial_remove(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller: Any) -> Any:
-        return self.fifo.choose_trial_to_run(tune_controller)
+        """FIFOScheduler's choice (the first PENDING trial, else the first PAUSED), made over the trials not
+        yet ended instead of every trial of the sweep: Tune asks at each of its steps, and the scan over all
+        trials cost 1.3 ms a call at 2,000 trials (bench/scale.py)."""
+        from ray.tune.experiment import Trial
+
+        self.unfinished = [t for t in self.unfinished if t.status not in (Trial.TERMINATED, Trial.ERROR)]
+        for status in (Trial.PENDING, Trial.PAUSED):
+            trial = next((t for t in self.unfinished if t.status == status), None)
+            if trial is not None:
+                return trial
+        return None
 
     def debug_string(self) -> str:
         return f"per-method schedulers: {', '.join(self.schedulers) or 'none yet'}"

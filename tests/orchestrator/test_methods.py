@@ -126,6 +126,26 @@ def test_early_stopping_compares_a_trial_only_with_its_own_methods_trials() -> N
     assert decisions[-1] == TrialScheduler.STOP  # b's worst is stopped against b's own rung
 
 
+def test_the_next_trial_to_start_is_the_first_pending_as_fifo_chooses_among_trials_not_ended() -> None:
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import FIFOScheduler
+
+    scheduler = SweepScheduler(lambda _m: FIFOScheduler())
+    trials = [_trial(f"t{i}", "a") for i in range(6)]
+    for trial in trials:
+        scheduler.on_trial_add(None, trial)
+    statuses = [Trial.TERMINATED, Trial.RUNNING, Trial.ERROR, Trial.PAUSED, Trial.PENDING, Trial.PENDING]
+    for trial, status in zip(trials, statuses, strict=True):
+        trial.status = status
+    tune = SimpleNamespace(get_trials=lambda: trials)
+    assert scheduler.choose_trial_to_run(tune) is trials[4] is FIFOScheduler().choose_trial_to_run(tune)
+    assert [t.trial_id for t in scheduler.unfinished] == ["t1", "t3", "t4", "t5"]  # the ended are let go
+    trials[4].status = trials[5].status = Trial.RUNNING
+    assert scheduler.choose_trial_to_run(tune) is trials[3]  # then the first paused one, as FIFO
+    trials[3].status = Trial.TERMINATED
+    assert scheduler.choose_trial_to_run(tune) is None
+
+
 def test_confirmation_runs_are_never_stopped_early() -> None:
     scheduler = SweepScheduler(lambda _m: ASHAScheduler(time_attr="step", metric="m", mode="max", max_t=4))
     runs = [_trial(f"c{i}", "a", role="confirm") for i in range(4)]
