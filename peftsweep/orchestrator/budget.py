@@ -56,18 +56,11 @@ class BudgetedSearch(Searcher):
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         return self.searcher.set_max_concurrency(max_concurrent)
 
-    def flush(self) -> None:
-        """The wrapped searcher's writes are in the study (`StrategyOptunaSearch.flush`), if it defers any."""
-        flush = getattr(self.searcher, "flush", None)
-        if flush is not None:
-            flush()
-
     def _counts(self) -> tuple[int, int]:
         """(finished, running) trials of the Optuna study, the source of truth (resumed trials included)."""
         import optuna
 
         state = optuna.trial.TrialState
-        self.flush()
         study = self.searcher._ot_study  # OptunaSearch's study (created in its constructor)
         # One read: each get_trials re-reads the study's unfinished trials from the store (SQL round trips
         # on the Tune event loop, bench/scale.py).

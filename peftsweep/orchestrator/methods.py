@@ -170,20 +170,8 @@ class SweepSearch(Searcher):
                 return
 
     def _enter(self, method: MethodRun, phase: Phase, start: Callable[[], Searcher | None]) -> None:
-        self._flush(method)  # what the phase that ends wrote is in the stores before the next one reads
         method.phase, method.searcher = phase, start()
         method.searcher_finished = method.searcher is None  # nothing to do in this phase
-
-    def flush(self) -> None:
-        """Every method's searcher's deferred writes are in their studies (`StrategyOptunaSearch.flush`)."""
-        for method in self.methods.values():
-            self._flush(method)
-
-    @staticmethod
-    def _flush(method: MethodRun) -> None:
-        flush = getattr(method.searcher, "flush", None)
-        if flush is not None:
-            flush()
 
     def save(self, checkpoint_path: str) -> None:
         """Progress only, for a look at a stopped run: the sweep resumes from its Optuna studies and MLflow

@@ -614,10 +614,9 @@ class StrategyOptunaSearch(OptunaSearch):
       (Tune hands that one to ``on_trial_complete`` only);
     - when the sampler says the method's search is done (``search_done``), ``suggest`` waits for running
       trials and then returns ``FINISHED``, so the trial budget is a cap;
-    - Optuna's writes (a report's intermediate value and recorded metrics, the tell that ends a trial) run
-      in order on a writer thread (`writes.Writes`), off Tune's event loop: with Postgres they took ~4 ms a
-      report and ~20 ms a tell, between a trial's end and the next trial's start (bench/scale.py). The
-      method's next decision (`suggest`) and any reader of the study (`flush`) wait for them first.
+    - a report's writes (the intermediate value, the recorded metrics) go to Optuna on a writer thread
+      (`writes.Writes`), off Tune's event loop, and are flushed before the trial is told: no decision reads
+      them earlier (the sampler reads finished trials' values and attributes only).
     """
 
     def __init__(
@@ -635,12 +634,7 @@ class StrategyOptunaSearch(OptunaSearch):
         self.pruned: set[str] = set()
         self._writes = Writes("peftsweep-optuna")
 
-    def flush(self) -> None:
-        """Wait until the study holds every report and tell made so far: before anything reads it."""
-        self._writes.flush()
-
     def suggest(self, trial_id: str) -> dict | str | None:
-        self.flush()  # the trials this method has ended are told
         sampler = self._ot_study.sampler if self._ot_study is not None else None
         if trial_id not in self._ot_trials and hasattr(sampler, "next_action"):
             trials = Trials.read(self._ot_study)  # one read for the whole decision
@@ -675,17 +669,7 @@ class StrategyOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr(signal_attr(name, int(result[self.time_attr])), float(value))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self._writes.submit(lambda: self._tell_or_warn(trial_id, result, error))  # after its reports' writes
-
-    def _tell_or_warn(self, trial_id: str, result: dict | None, error: bool) -> None:
-        """As on Tune's thread, where Tune caught it: a trial that cannot be told must not end the sweep
-        (it stays RUNNING in the study, which a resumed sweep reconciles: `sweep.reconcile_study`)."""
-        try:
-            self._tell(trial_id, result, error)
-        except Exception:  # noqa: BLE001
-            optuna.logging.get_logger(__name__).warning("could not tell trial %s", trial_id, exc_info=True)
-
-    def _tell(self, trial_id: str, result: dict | None, error: bool) -> None:
+        self._writes.flush()  # its reports are in the study before it is told
         # Tune does not pass the result that made the scheduler stop a trial to on_trial_result, only here
         # (as the trial's last result): record its signal before the trial is told.
         self._record(trial_id, result)

@@ -338,25 +338,15 @@ def run_methods(
     ``trainable`` lets benchmarks drive this exact searcher + scheduler with a trainable that reads learning
     curves from a table instead of training; None trains for real.
     """
-    from peftsweep.orchestrator.methods import SweepSearch
-
-    _tune_env()
-    search = SweepSearch(runs, on_done, on_stop)
-    try:
-        _tuner(spec, search, callbacks, trainable).fit()
-    finally:
-        search.flush()  # every trial is told in its study before the sweep reads the studies back
-
-
-def _tuner(spec: SweepSpec, search: Any, callbacks: list, trainable: Any | None) -> Any:
-    """`run_methods`' Tune run: the sweep's searcher (a `methods.SweepSearch`) and per-method schedulers."""
     from ray import tune
 
-    from peftsweep.orchestrator.methods import SweepScheduler, UntoldEnds
+    from peftsweep.orchestrator.methods import SweepScheduler, SweepSearch, UntoldEnds
     from peftsweep.orchestrator.trial import trainable as trial_trainable
     from peftsweep.orchestrator.trial import tune_run_config_extras
 
-    return tune.Tuner(
+    _tune_env()
+    search = SweepSearch(runs, on_done, on_stop)
+    tune.Tuner(
         trainable if trainable is not None else trial_trainable(spec),
         tune_config=tune.TuneConfig(
             search_alg=search,
@@ -373,7 +363,7 @@ def _tuner(spec: SweepSpec, search: Any, callbacks: list, trainable: Any | None)
             verbose=0,
             **tune_run_config_extras(spec),
         ),
-    )
+    ).fit()
 
 
 def _gate(spec: SweepSpec, tracker: SweepTracker, data_dir: Path) -> Callable[[str, str], GateDecision]:

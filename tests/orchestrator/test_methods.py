@@ -24,7 +24,6 @@ class Scripted(Searcher):
     made: int = 0
     completed: list[str] = field(default_factory=list)
     results: list[str] = field(default_factory=list)
-    flushes: int = 0  # how often the sweep waited for its deferred writes
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -37,9 +36,6 @@ class Scripted(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self.results.append(trial_id)
-
-    def flush(self) -> None:
-        self.flushes += 1
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.completed.append(trial_id)
@@ -148,19 +144,6 @@ def test_the_next_trial_to_start_is_the_first_pending_as_fifo_chooses_among_tria
     assert scheduler.choose_trial_to_run(tune) is trials[3]  # then the first paused one, as FIFO
     trials[3].status = Trial.TERMINATED
     assert scheduler.choose_trial_to_run(tune) is None
-
-
-def test_a_phases_deferred_writes_are_flushed_before_the_next_phase_starts_and_at_the_end() -> None:
-    run, made = _run("a", 1, 1)
-    sweep = SweepSearch([run])
-    assert sweep.suggest("t0")["who"] == "a/search"  # type: ignore[index]
-    sweep.on_trial_complete("t0")
-    assert made["search"].flushes == 0
-    assert sweep.suggest("t1") is None  # the search says FINISHED: its phase ends
-    assert sweep.suggest("t1")["who"] == "a/confirm"  # type: ignore[index]
-    assert made["search"].flushes == 1  # before the confirmation phase began
-    sweep.flush()  # what run_methods does when Tune's run ends
-    assert made["confirm"].flushes == 1
 
 
 def test_confirmation_runs_are_never_stopped_early() -> None:
