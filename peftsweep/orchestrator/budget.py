@@ -56,15 +56,20 @@ class BudgetedSearch(Searcher):
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         return self.searcher.set_max_concurrency(max_concurrent)
 
-    def _counts(self) -> tuple[int, int]:
+    def _counts(self, trial_id: str) -> tuple[int, int]:
         """(finished, running) trials of the Optuna study, the source of truth (resumed trials included)."""
         import optuna
 
         state = optuna.trial.TrialState
-        study = self.searcher._ot_study  # OptunaSearch's study (created in its constructor)
-        # One read: each get_trials re-reads the study's unfinished trials from the store (SQL round trips
-        # on the Tune event loop, bench/scale.py).
-        trials = study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING))
+        # One read: each read of an RDB study re-reads its unfinished trials from the store (SQL round trips
+        # on the Tune event loop, bench/scale.py); a StrategyOptunaSearch reuses it for its suggestion.
+        read = getattr(self.searcher, "read_trials", None)
+        if read is not None:
+            trials = read(trial_id).of(state.COMPLETE, state.PRUNED, state.RUNNING)
+        else:  # OptunaSearch's study (created in its constructor)
+            trials = self.searcher._ot_study.get_trials(
+                deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING)
+            )
         running = sum(t.state == state.RUNNING for t in trials)
         return len(trials) - running, running
 
@@ -80,7 +85,7 @@ class BudgetedSearch(Searcher):
         if self.trial_steps is not None and self.spent_steps >= self.trial_steps:
             self.stopped_by = "trial-steps"
             return Searcher.FINISHED
-        finished, running = self._counts()
+        finished, running = self._counts(trial_id)
         if running and finished < self.n_startup_trials <= finished + running:
             return None  # the start-up trials in flight complete the random phase: wait for them
         params = self.searcher.suggest(trial_id)

@@ -633,11 +633,21 @@ class StrategyOptunaSearch(OptunaSearch):
         self.record, self.final_flags = tuple(record), tuple(final_flags)
         self.pruned: set[str] = set()
         self._writes = Writes("peftsweep-optuna")
+        self._read: tuple[str, Trials] | None = None  # `read_trials`' read, for that trial id's `suggest`
+
+    def read_trials(self, trial_id: str) -> Trials:
+        """The study's trials, read once for the suggestion of ``trial_id`` (Tune asks with a new id each
+        time): a wrapper deciding whether to ask (`budget.BudgetedSearch`) and this searcher's `suggest`
+        share the read."""
+        self._read = (trial_id, Trials.read(self._ot_study))
+        return self._read[1]
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        read, self._read = self._read, None
         sampler = self._ot_study.sampler if self._ot_study is not None else None
         if trial_id not in self._ot_trials and hasattr(sampler, "next_action"):
-            trials = Trials.read(self._ot_study)  # one read for the whole decision
+            # one read for the whole decision
+            trials = read[1] if read and read[0] == trial_id else Trials.read(self._ot_study)
             running = trials.of(TrialState.RUNNING)
             action = sampler.next_action(trials)
             if action == "done" and sampler.search_done(trials) and not running:

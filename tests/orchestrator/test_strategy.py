@@ -334,6 +334,39 @@ def test_the_search_waits_then_finishes_once_bracketed() -> None:
     assert abs(math.log10(study.best_trial.params["lr"]) - PEAK) <= 0.3
 
 
+def test_a_budgeted_suggestion_reads_the_study_once_outside_optunas_ask(monkeypatch) -> None:
+    """Each read of an RDB study is SQL round trips on Tune's thread: the budget's counts and the
+    sampler's decision share one (Optuna's own per-ask cache serves the sampler inside ``ask``)."""
+    build = lambda _trial_id, params, _index: params  # noqa: E731
+    search = BudgetedSearch(
+        adapter(LogBracketSampler(n_startup=3, seed=1)), build=build, max_trials=20, n_startup_trials=3
+    )
+    for i in range(3):
+        config = search.suggest(f"s{i}")
+        result = report(search, f"s{i}", 150, 1, exact_match=landscape(config["lr"]))
+        search.on_trial_complete(f"s{i}", result)
+    study = search.searcher._ot_study
+    reads: list[bool] = []  # per read of the store: inside Optuna's ask?
+    in_ask = [False]
+    ask, get_all_trials = study.ask, study._storage.get_all_trials
+
+    def asking(*args: object, **kwargs: object) -> object:
+        in_ask[0] = True
+        try:
+            return ask(*args, **kwargs)
+        finally:
+            in_ask[0] = False
+
+    def read(*args: object, **kwargs: object) -> object:
+        reads.append(in_ask[0])
+        return get_all_trials(*args, **kwargs)
+
+    monkeypatch.setattr(study, "ask", asking)
+    monkeypatch.setattr(study._storage, "get_all_trials", read)
+    assert isinstance(search.suggest("t"), dict)
+    assert reads.count(False) == 1 and reads.count(True) >= 1
+
+
 def test_the_stopping_report_reaches_only_on_trial_complete_as_in_tune() -> None:
     """Tune's controller does not pass the result that made the scheduler stop a trial to on_trial_result;
     it hands it to on_trial_complete as the trial's last result. Its signal must still be recorded."""
