@@ -48,7 +48,9 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import gc
 import io
+import itertools
 import json
 import math
 import os
@@ -296,12 +298,28 @@ class Probes:
         ]
         for name, owner, attr in hooks:
             self.wrap(name, owner, attr)
+        self._time_full_collections()
         try:
             yield self
         finally:
             for undo in reversed(self._undo):
                 undo()
             self._undo.clear()
+
+    def _time_full_collections(self) -> None:
+        """The interpreter's full (generation 2) garbage collections: each stops the driver's one thread."""
+        timer, started = self.timers.setdefault("gc.full_collection", Timer()), [0.0]
+
+        def probe(phase: str, info: dict[str, int]) -> None:
+            if info["generation"] != 2:
+                return
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                timer.calls.append((started[0], time.perf_counter() - started[0]))
+
+        gc.callbacks.append(probe)
+        self._undo.append(lambda: gc.callbacks.remove(probe))
 
 
 def memory_growth(baseline: Any, top: int = 12) -> list[dict[str, Any]]:
@@ -492,7 +510,27 @@ def schedule_stats(trials: list[dict[str, Any]], slots: int, t0: float, t1: floa
         "slot_gap_p95_s": sorted(gaps)[int(0.95 * (len(gaps) - 1))] if gaps else None,
         "trial_work_mean_s": total_work / len(trials),
         "tail_s": t1 - ends[-1],
-    }
+    } | waits(trials)
+
+
+def waits(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a held slot does not work: a trial blocked in a report until the driver has handled it (Tune's
+    function trainables wait for that), and the time from a trial's last work to its end (a trial the
+    scheduler stopped ends only when its actor is reset for the next trial, i.e. after that suggestion)."""
+    steps = max(t["step"] for t in trials)
+    reports = [b[0] - a[1] for t in trials for a, b in itertools.pairwise(t["work"])]
+    last = [(t["end"] - t["work"][-1][1], t["step"] == steps) for t in trials if t["work"]]
+    out: dict[str, Any] = {}
+    for name, values in (
+        ("report", reports),
+        ("last_work_to_end_full", [wait for wait, full in last if full]),
+        ("last_work_to_end_stopped", [wait for wait, full in last if not full]),
+    ):
+        ordered = sorted(values) or [0.0]
+        out[f"wait_{name}_median_ms"] = 1000 * statistics.median(ordered)
+        out[f"wait_{name}_p95_ms"] = 1000 * ordered[int(0.95 * (len(ordered) - 1))]
+        out[f"wait_{name}_total_s"] = sum(values)
+    return out
 
 
 def driver_stats(samples: list[tuple[int, float, float, float]], t0: float, t1: float) -> dict[str, Any]:
@@ -762,6 +800,11 @@ def quickstart_sweep(
 # --- main ---
 
 
+def _wait(s: dict[str, Any], key: str) -> str:
+    median, p95, total = (s[f"wait_{key}_{part}"] for part in ("median_ms", "p95_ms", "total_s"))
+    return f"{median:.0f} / {p95:.0f} ms ({total:.0f} s)"
+
+
 def print_scale(result: dict[str, Any], console: Console) -> None:
     s = result
     table = Table(
@@ -778,6 +821,9 @@ def print_scale(result: dict[str, Any], console: Console) -> None:
         ("trials started per second", f"{s['trials_started_per_s']:.2f}", ""),
         ("freed slot → next trial, median / p95",
          f"{s['slot_gap_median_s']:.2f} / {s['slot_gap_p95_s']:.2f} s", ""),
+        *((f"held, not working: {what}, median / p95 (total)", _wait(s, key), "")
+          for what, key in (("a report", "report"), ("last work → end, full", "last_work_to_end_full"),
+                            ("last work → end, stopped", "last_work_to_end_stopped"))),
         ("driver RSS start → end", f"{s['rss_start_mib']:.0f} → {s['rss_end_mib']:.0f} MiB", ""),
         ("driver RSS per 1,000 trials", f"{s['rss_mib_per_1000_trials']:+.0f} MiB", "bounded"),
         ("driver CPU (share of a core)", f"{s['driver_cpu_s']:.0f} s ({s['driver_cpu_share']:.0%})", ""),
