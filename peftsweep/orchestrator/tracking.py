@@ -564,9 +564,9 @@ class SweepTracker:
 class TrialRecorder(Callback):
     """Tune callback on the driver: each Tune trial becomes an MLflow run under its method's run."""
 
-    def __init__(self, tracker: SweepTracker, on_change: Any = None) -> None:
+    def __init__(self, tracker: SweepTracker, on_change: Callable[[str], None] | None = None) -> None:
         self.tracker = tracker
-        self.on_change = on_change or (lambda: None)
+        self.on_change = on_change or (lambda _method: None)  # called with the trial's method
 
     def __reduce__(self) -> tuple:
         # Tune pickles its RunConfig (callbacks included) into the experiment state. The MLflow client and
@@ -576,12 +576,12 @@ class TrialRecorder(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id in self.tracker.trials:  # Tune restarted it after a crash: the same run goes on
             return
-        self.tracker.start_trial(trial.config[TRIAL_KEY])
-        self.on_change()
+        self.on_change(self.tracker.start_trial(trial.config[TRIAL_KEY]).method)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self.tracker.log_result(self.tracker.trials[trial.trial_id], result)
-        self.on_change()
+        record = self.tracker.trials[trial.trial_id]
+        self.tracker.log_result(record, result)
+        self.on_change(record.method)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, error=None)
@@ -600,7 +600,7 @@ class TrialRecorder(Callback):
             error=error,
             then=lambda: prune_finished(checkpoint),  # once its adapter is in MLflow
         )
-        self.on_change()
+        self.on_change(record.method)
 
 
 def trial_error(trial: Any) -> str:

@@ -127,7 +127,7 @@ def test_the_table_is_built_at_lives_refresh_only_when_a_trial_event_came(
     progress, _ = _live(spec, tracker)
     built = []
     real = SweepProgress.table
-    monkeypatch.setattr(SweepProgress, "table", lambda self: built.append(1) or real(self))
+    monkeypatch.setattr(SweepProgress, "table", lambda self, *a: built.append(1) or real(self, *a))
     for _ in range(500):
         progress.update()
     assert built == []
@@ -137,6 +137,33 @@ def test_the_table_is_built_at_lives_refresh_only_when_a_trial_event_came(
     progress.update()
     Console(file=io.StringIO()).print(progress)
     assert len(built) == 2
+
+
+def test_a_refresh_rescores_only_the_methods_a_trial_event_came_from(
+    many: tuple[SweepSpec, Tracker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scoring a method's row reads all its trials: at a refresh only the rows of methods with news are."""
+    spec, full = many
+    tracker = Tracker(trials=dict(full.trials))
+    progress, _ = _live(spec, tracker)
+    scored: list[str] = []
+    real = SweepProgress._row
+    monkeypatch.setattr(
+        SweepProgress, "_row", lambda self, name, mine: scored.append(name) or real(self, name, mine)
+    )
+    Console(file=io.StringIO()).print(progress)
+    assert sorted(scored) == sorted(CPU_METHODS)  # the first table: every row
+    scored.clear()
+    done = progress._rows[CPU_METHODS[0]]["done"]
+    news = tracker.add(_trial(CPU_METHODS[0], 999, 0.5))  # another finished trial of the first method
+    progress.update(news.method)
+    Console(file=io.StringIO()).print(progress)
+    assert scored == [CPU_METHODS[0]]
+    assert progress._rows[CPU_METHODS[0]]["done"] == done + 1
+    scored.clear()
+    progress.update()  # an event of unknown method: every row again
+    Console(file=io.StringIO()).print(progress)
+    assert sorted(scored) == sorted(CPU_METHODS)
 
 
 def test_a_snapshot_survives_the_driver_adding_a_trial_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
