@@ -8,8 +8,13 @@ same fields the trial trained with.
 
 from __future__ import annotations
 
+import hashlib
+import pickle
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from peftsweep.spec import SweepSpec
 from peftsweep.trainables.faults import Fault
@@ -42,6 +47,62 @@ class TrialConfig:
     def display(self) -> dict[str, float | int | str]:
         """The fields Tune shows and names trial directories by."""
         return {"lr": self.lr, "rank": self.rank, "seed": self.seed, "role": self.role}
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled (and deep-copied) with its spec as that spec's own pickle and digest, so that a process
+        unpickles each spec once and its trial configs share it (`_shared_spec`).
+
+        Why: Tune sends a trial's config back with every result (``Trainable.get_auto_filled_metrics``) and
+        keeps each trial's last result. Unpickled whole every time, each report cost the driver a spec's
+        object graph and each finished trial kept one of its own: the driver grew by ~0.2 MiB a trial
+        (bench/scale.py)."""
+        digest, blob = _spec_pickle(self.spec)
+        fields = (self.method, self.lr, self.rank, self.seed, self.data_dir, self.trial_id, self.role)
+        return (_trial_config, (digest, blob, *fields, self.fault))
+
+
+# --- specs shared by the trial configs of a process ---
+
+SHARED_SPECS = 16  # specs a process keeps unpickled (a sweep has one; a test session many)
+_specs: OrderedDict[str, SweepSpec] = OrderedDict()  # digest -> the process's one copy of that spec
+_pickles: dict[int, tuple[str, bytes]] = {}  # id(spec) -> its (digest, pickle), for the specs in `_specs`
+_lock = threading.Lock()
+
+
+def _spec_pickle(spec: SweepSpec) -> tuple[str, bytes]:
+    with _lock:
+        known = _pickles.get(id(spec))
+        if known is not None and _specs.get(known[0]) is spec:
+            return known
+    blob = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
+    digest = hashlib.sha256(blob).hexdigest()
+    _remember(digest, spec, blob)
+    return digest, blob
+
+
+def _shared_spec(digest: str, blob: bytes) -> SweepSpec:
+    """The process's copy of the spec with ``digest``; unpickled from ``blob`` only the first time."""
+    with _lock:
+        spec = _specs.get(digest)
+        if spec is not None:
+            _specs.move_to_end(digest)
+            return spec
+    spec = pickle.loads(blob)  # noqa: S301 — a pickle this package made of a validated spec
+    _remember(digest, spec, blob)
+    return spec
+
+
+def _remember(digest: str, spec: SweepSpec, blob: bytes) -> None:
+    with _lock:
+        _specs[digest] = spec
+        _pickles[id(spec)] = (digest, blob)
+        while len(_specs) > SHARED_SPECS:
+            _, old = _specs.popitem(last=False)
+            _pickles.pop(id(old), None)
+
+
+def _trial_config(digest: str, blob: bytes, *fields: Any) -> TrialConfig:
+    return TrialConfig(_shared_spec(digest, blob), *fields)
 
 
 def train_run_dir(spec: SweepSpec, trial_id: str) -> Path:
