@@ -534,9 +534,12 @@ def waits(trials: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def driver_stats(samples: list[tuple[int, float, float, float]], t0: float, t1: float) -> dict[str, Any]:
-    """RSS growth per 1,000 trials (after the first sample past warm-up) and CPU per trial over the sweep."""
+    """RSS growth per 1,000 trials (after the first sample past warm-up) and CPU per trial over the sweep.
+    The last sample is taken after the Tune run has ended (Tune writes its experiment state once then, every
+    trial's as JSON): the growth while trials ran is reported apart from that last step."""
     first = next((s for s in samples if s[0] >= SAMPLE_EVERY), samples[0])
     last = samples[-1]
+    running = samples[-2] if len(samples) > 2 else last  # the last sample while trials ran
     trials = max(1, last[0] - first[0])
     quarter = max(1, len(samples) // 4)
 
@@ -550,6 +553,8 @@ def driver_stats(samples: list[tuple[int, float, float, float]], t0: float, t1: 
         "rss_start_mib": samples[0][2],
         "rss_end_mib": last[2],
         "rss_mib_per_1000_trials": 1000 * (last[2] - first[2]) / trials,
+        "rss_mib_per_1000_trials_running": 1000 * (running[2] - first[2]) / max(1, running[0] - first[0]),
+        "rss_end_of_run_mib": last[2] - running[2],
         "driver_cpu_s": last[3] - samples[0][3],
         "driver_cpu_share": (last[3] - samples[0][3]) / max(1e-9, t1 - t0),  # of one core
         "driver_cpu_ms_per_trial_first_quarter": _ms(cpu_per_trial(samples[: quarter + 1])),
@@ -826,6 +831,8 @@ def print_scale(result: dict[str, Any], console: Console) -> None:
                             ("last work → end, stopped", "last_work_to_end_stopped"))),
         ("driver RSS start → end", f"{s['rss_start_mib']:.0f} → {s['rss_end_mib']:.0f} MiB", ""),
         ("driver RSS per 1,000 trials", f"{s['rss_mib_per_1000_trials']:+.0f} MiB", "bounded"),
+        ("  while trials run; once at the run's end",
+         f"{s['rss_mib_per_1000_trials_running']:+.0f} MiB; {s['rss_end_of_run_mib']:+.0f} MiB", ""),
         ("driver CPU (share of a core)", f"{s['driver_cpu_s']:.0f} s ({s['driver_cpu_share']:.0%})", ""),
         ("driver CPU per trial, first / last quarter",
          f"{s['driver_cpu_ms_per_trial_first_quarter'] or 0:.0f} / "
