@@ -49,60 +49,52 @@ class TrialConfig:
         return {"lr": self.lr, "rank": self.rank, "seed": self.seed, "role": self.role}
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        """Pickled (and deep-copied) with its spec as that spec's own pickle and digest, so that a process
-        unpickles each spec once and its trial configs share it (`_shared_spec`).
+        """Pickled (and deep-copied) with its spec's digest, so that the trial configs a process receives
+        share one copy of each spec (`_shared_spec`; a received duplicate is dropped at once).
 
         Why: Tune sends a trial's config back with every result (``Trainable.get_auto_filled_metrics``) and
-        keeps each trial's last result. Unpickled whole every time, each report cost the driver a spec's
-        object graph and each finished trial kept one of its own: the driver grew by ~0.2 MiB a trial
-        (bench/scale.py)."""
-        digest, blob = _spec_pickle(self.spec)
+        keeps each trial's last result, so each finished trial kept a spec of its own: the driver grew by
+        ~0.07 MiB a trial for that alone (bench/scale.py)."""
         fields = (self.method, self.lr, self.rank, self.seed, self.data_dir, self.trial_id, self.role)
-        return (_trial_config, (digest, blob, *fields, self.fault))
+        return (_trial_config, (_spec_digest(self.spec), self.spec, *fields, self.fault))
 
 
 # --- specs shared by the trial configs of a process ---
 
-SHARED_SPECS = 16  # specs a process keeps unpickled (a sweep has one; a test session many)
+SHARED_SPECS = 16  # specs a process keeps (a sweep has one; a test session many)
 _specs: OrderedDict[str, SweepSpec] = OrderedDict()  # digest -> the process's one copy of that spec
-_pickles: dict[int, tuple[str, bytes]] = {}  # id(spec) -> its (digest, pickle), for the specs in `_specs`
+_digests: dict[int, str] = {}  # id(spec) -> its digest, for the specs in `_specs`
 _lock = threading.Lock()
 
 
-def _spec_pickle(spec: SweepSpec) -> tuple[str, bytes]:
+def _spec_digest(spec: SweepSpec) -> str:
+    """A digest of the spec's content (its pickle), computed once per spec object of the process."""
     with _lock:
-        known = _pickles.get(id(spec))
-        if known is not None and _specs.get(known[0]) is spec:
-            return known
-    blob = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
-    digest = hashlib.sha256(blob).hexdigest()
-    _remember(digest, spec, blob)
-    return digest, blob
+        digest = _digests.get(id(spec))
+        if digest is not None and _specs.get(digest) is spec:
+            return digest
+    digest = hashlib.sha256(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)).hexdigest()
+    _shared_spec(digest, spec)
+    return digest
 
 
-def _shared_spec(digest: str, blob: bytes) -> SweepSpec:
-    """The process's copy of the spec with ``digest``; unpickled from ``blob`` only the first time."""
+def _shared_spec(digest: str, spec: SweepSpec) -> SweepSpec:
+    """The process's copy of the spec with ``digest``: ``spec`` itself the first time."""
     with _lock:
-        spec = _specs.get(digest)
-        if spec is not None:
+        known = _specs.get(digest)
+        if known is not None:
             _specs.move_to_end(digest)
-            return spec
-    spec = pickle.loads(blob)  # noqa: S301 — a pickle this package made of a validated spec
-    _remember(digest, spec, blob)
-    return spec
-
-
-def _remember(digest: str, spec: SweepSpec, blob: bytes) -> None:
-    with _lock:
+            return known
         _specs[digest] = spec
-        _pickles[id(spec)] = (digest, blob)
+        _digests[id(spec)] = digest
         while len(_specs) > SHARED_SPECS:
             _, old = _specs.popitem(last=False)
-            _pickles.pop(id(old), None)
+            _digests.pop(id(old), None)
+        return spec
 
 
-def _trial_config(digest: str, blob: bytes, *fields: Any) -> TrialConfig:
-    return TrialConfig(_shared_spec(digest, blob), *fields)
+def _trial_config(digest: str, spec: SweepSpec, *fields: Any) -> TrialConfig:
+    return TrialConfig(_shared_spec(digest, spec), *fields)
 
 
 def train_run_dir(spec: SweepSpec, trial_id: str) -> Path:

@@ -27,20 +27,13 @@ def test_copies_of_trial_configs_keep_every_field_and_share_one_spec(tmp_path: P
     assert all(c.spec is copies[0].spec for c in copies)  # one spec object, however many copies
 
 
-def test_a_process_unpickles_a_spec_once_however_many_results_carry_it(tmp_path: Path, monkeypatch) -> None:
+def test_a_process_keeps_one_spec_however_many_results_carry_it(tmp_path: Path) -> None:
     blob = pickle.dumps(_config(tmp_path))
     trial_config._specs.clear()  # as in a fresh process (the driver receiving its first result)
-    trial_config._pickles.clear()
-    loads: list[int] = []
-    real = pickle.loads
-
-    def counted(data: bytes, *args: object, **kwargs: object) -> object:
-        loads.append(len(data))
-        return real(data, *args, **kwargs)
-
-    monkeypatch.setattr(trial_config.pickle, "loads", counted)
-    received = [real(blob) for _ in range(50)]  # 50 results of trials of one sweep
-    assert len(loads) == 1 and all(r.spec is received[0].spec for r in received)
+    trial_config._digests.clear()
+    received = [pickle.loads(blob) for _ in range(50)]  # 50 results of trials of one sweep
+    assert all(r.spec is received[0].spec for r in received)
+    assert list(trial_config._specs.values()) == [received[0].spec]
 
 
 def test_different_specs_stay_different_and_the_shared_copies_are_bounded(tmp_path: Path) -> None:
