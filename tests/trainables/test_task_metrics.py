@@ -151,12 +151,15 @@ def test_score_code_survives_hostile_samples() -> None:
         "    while True:\n        pass\n",
         "    import socket\n    socket.socket().connect(('127.0.0.1', 9))\n    return a + b\n",
     ]
+    # 5 s, the default: a sandboxed interpreter's start on a loaded 2-core CI runner took over 1 s (the
+    # correct sample then timed out: CI10 of stop 26).
+    timeout = 5.0
     start = time.monotonic()
-    out = score("code", [samples], rows, k=1, timeout_s=1.0)
-    assert time.monotonic() - start < 1.0 + 10.0  # the loop is bounded by the timeout, not by the test
+    out = score("code", [samples], rows, k=1, timeout_s=timeout)
+    assert time.monotonic() - start < timeout + 10.0  # the loop is bounded by the timeout, not by the test
     assert out["pass_at_k"] == pytest.approx(1 / 3)
     assert out["exact_match"] == 1.0  # the first sample equals the reference
-    assert score("code", [samples], rows, k=3, timeout_s=1.0)["pass_at_k"] == 1.0
+    assert score("code", [samples], rows, k=3, timeout_s=timeout)["pass_at_k"] == 1.0
 
 
 def test_score_code_validates_before_running() -> None:
