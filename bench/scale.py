@@ -5,7 +5,8 @@ scale       `ray.cluster_utils.Cluster`: a head and `--nodes` nodes of `--gpus-p
             holds `--methods` methods × `--trials` search trials, each trial `--gpus-per-trial` workers
             of 1 GPU (`resources.workers_per_trial`, `gpus_per_worker`; `max_concurrent_trials` = GPUs /
             GPUs a trial).
-            Everything of `peftsweep run` between the spec and the trial runs for real: `sweep._method_runs` +
+            Everything of `peftsweep run` between the spec and the trial runs for real: `sweep.studies` +
+            `sweep._method_runs` +
             `sweep.run_methods` (one Tune run: `SweepSearch`, each method's Optuna study + sampler +
             `BudgetedSearch`, its ASHA, its raced `ConfirmationSearch`), the real `SweepTracker` +
             `TrialRecorder` (MLflow) and the live `SweepProgress` (rendered to a null console). Only the
@@ -441,7 +442,6 @@ def scale(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             # as `_run_locked` does
             with Live(progress, console=null, refresh_per_second=REFRESH_PER_SECOND) as live:
                 progress.live = live
-                method_runs = sweep._method_runs(spec, work, tracker, False, {}, time.monotonic())
                 trainable = replay_trainable(spec, runs, args.pace, work / "adapters", log)
 
                 def done(method: str) -> None:
@@ -449,11 +449,15 @@ def scale(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                     progress.method_done(method)
 
                 t0 = time.time()
-                sweep.run_methods(
-                    spec, method_runs, [TrialRecorder(tracker, progress.update), sampler], on_done=done,
-                    trainable=trainable,
-                )  # fmt: skip
-                tracker.flush()  # the wall includes the MLflow writes still queued on the writer thread
+                with sweep.studies(spec) as storage:  # the wall includes Optuna's writes still queued
+                    now = time.monotonic()
+                    method_runs = sweep._method_runs(spec, work, tracker, False, {}, now, storage=storage)
+                    sweep.run_methods(
+                        spec, method_runs, [TrialRecorder(tracker, progress.update), sampler], on_done=done,
+                        trainable=trainable,
+                    )  # fmt: skip
+                    t_run = time.time()
+                tracker.flush()  # and MLflow's, queued on the tracker's writer thread
                 t1 = time.time()
             tracker.finish_sweep("FINISHED")
         sampler.samples.append(sampler.sample())
@@ -468,6 +472,7 @@ def scale(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             "store": args.store,
         }
         out |= schedule_stats(read_log(log), slots, t0, t1)
+        out["stores_catch_up_s"] = t1 - t_run  # Optuna's and MLflow's queued writes at the run's end
         out |= driver_stats(sampler.samples, t0, t1)
         out["timers"] = {name: timer.summary() for name, timer in probes.timers.items()}
         out["decisions_per_s"] = decision_rate(probes)
@@ -785,16 +790,17 @@ def quickstart_sweep(
     spec = parse_spec(raw)
     spec.tracking.root.mkdir(parents=True)
     tracker = SweepTracker(spec)
-    method_runs = sweep._method_runs(spec, root, tracker, False, {}, time.monotonic())
-    if order == "sequence":
-        for before, run in zip(method_runs, method_runs[1:], strict=False):
-            run.after = before.name
     log = root / "trials.jsonl"
     trainable = replay_trainable(spec, runs, None, root / "adapters", log)
     t0 = time.time()
-    sweep.run_methods(
-        spec, method_runs, [TrialRecorder(tracker)], on_done=tracker.finish_method, trainable=trainable
-    )
+    with sweep.studies(spec) as storage:
+        method_runs = sweep._method_runs(spec, root, tracker, False, {}, time.monotonic(), storage=storage)
+        if order == "sequence":
+            for before, run in zip(method_runs, method_runs[1:], strict=False):
+                run.after = before.name
+        sweep.run_methods(
+            spec, method_runs, [TrialRecorder(tracker)], on_done=tracker.finish_method, trainable=trainable
+        )
     t1 = time.time()
     tracker.finish_sweep("FINISHED")
     stats = schedule_stats(read_log(log), spec.resources.max_concurrent_trials, t0, t1)

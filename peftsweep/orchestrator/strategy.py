@@ -44,7 +44,6 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from peftsweep.orchestrator.scoring import Direction, RunRecord, config_key, config_scores, top_configs
-from peftsweep.orchestrator.writes import Writes
 
 LR, RANK = "lr", "rank"  # the search space's parameter names (sweep._search_method)
 Side = Literal["lower", "upper"]
@@ -614,9 +613,6 @@ class StrategyOptunaSearch(OptunaSearch):
       (Tune hands that one to ``on_trial_complete`` only);
     - when the sampler says the method's search is done (``search_done``), ``suggest`` waits for running
       trials and then returns ``FINISHED``, so the trial budget is a cap;
-    - a report's writes (the intermediate value, the recorded metrics) go to Optuna on a writer thread
-      (`writes.Writes`), off Tune's event loop, and are flushed before the trial is told: no decision reads
-      them earlier (the sampler reads finished trials' values and attributes only).
     """
 
     def __init__(
@@ -632,7 +628,6 @@ class StrategyOptunaSearch(OptunaSearch):
         self.max_t, self.time_attr = max_t, time_attr
         self.record, self.final_flags = tuple(record), tuple(final_flags)
         self.pruned: set[str] = set()
-        self._writes = Writes("peftsweep-optuna")
         self._read: tuple[str, Trials] | None = None  # `read_trials`' read, for that trial id's `suggest`
 
     def read_trials(self, trial_id: str) -> Trials:
@@ -657,12 +652,9 @@ class StrategyOptunaSearch(OptunaSearch):
         return super().suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        def write() -> None:
-            if self.metric in result:  # a report without the search metric is still a signal for `record`
-                super(StrategyOptunaSearch, self).on_trial_result(trial_id, result)
-            self._record(trial_id, result)
-
-        self._writes.submit(write)
+        if self.metric in result:  # a report without the search metric is still a signal for `record`
+            super().on_trial_result(trial_id, result)
+        self._record(trial_id, result)
 
     def _record(self, trial_id: str, result: dict | None) -> None:
         ot_trial = self._ot_trials.get(trial_id)
@@ -679,7 +671,6 @@ class StrategyOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr(signal_attr(name, int(result[self.time_attr])), float(value))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self._writes.flush()  # its reports are in the study before it is told
         # Tune does not pass the result that made the scheduler stop a trial to on_trial_result, only here
         # (as the trial's last result): record its signal before the trial is told.
         self._record(trial_id, result)
