@@ -22,8 +22,10 @@ scale       `ray.cluster_utils.Cluster`: a head and `--nodes` nodes of `--gpus-p
             against the ideal schedule (the trials' working seconds / slots: no gaps, no overhead), and that
             no trial is lost or duplicated in MLflow or Optuna (counted against the trials' own log).
 stores      the driver's per-trial MLflow and Optuna writes (what `TrialRecorder` and `StrategyOptunaSearch`
-            do for one trial) against sqlite and against the cluster path — `peftsweep tracking serve`
-            (MLflow server on Postgres) and Optuna on Postgres — latency per trial as the stores fill to
+            do for one trial; Optuna side by side on the store and written behind it, as `sweep.studies`
+            does: the time on the caller's thread) against sqlite and against the cluster path —
+            `peftsweep tracking serve` (MLflow server on Postgres) and Optuna on Postgres — latency per
+            trial as the stores fill to
             `--store-trials` trials, and the reads that scale with them (`search_runs`, a study's trials).
 quickstart  methods in parallel (one Tune run, free slots to any method) against methods in sequence (each
             method's MethodRun `after` the previous one: the same Tune run, the old one-method-at-a-time
@@ -649,11 +651,13 @@ def store_latency(kind: str, args: argparse.Namespace, console: Console) -> dict
     trial; then the reads that grow with the stores."""
     import optuna
 
+    from peftsweep.orchestrator.optuna_store import WriteBehindStorage
     from peftsweep.orchestrator.status import open_storage, sweep_status
     from peftsweep.orchestrator.tracking import SweepTracker
     from peftsweep.orchestrator.trial import TrialPlan
     from peftsweep.trainables.trial_config import TRIAL_KEY
 
+    reads: dict[str, Any] = {}
     work = args.work / f"stores-{kind}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -667,17 +671,22 @@ def store_latency(kind: str, args: argparse.Namespace, console: Console) -> dict
         tracker = SweepTracker(spec)
         tracker.start_method("lora")
         plan = TrialPlan(spec, "lora", work)
-        study = optuna.create_study(
-            study_name="stores/lora",
-            storage=open_storage(spec.tracking.optuna_storage_url()),
-            direction="maximize",
+        url = spec.tracking.optuna_storage_url()
+        behind = WriteBehindStorage(open_storage(url))
+        study, study_behind = (  # side by side: the store itself, and written behind (`sweep.studies`)
+            optuna.create_study(
+                study_name=f"stores/{name}", storage=storage, sampler=sweep_sampler(), direction="maximize"
+            )
+            for name, storage in (("lora", open_storage(url)), ("lora-behind", behind))
         )
         space = {
             "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
             "rank": optuna.distributions.CategoricalDistribution([4, 8]),
         }
-        mlflow_s, optuna_s = [], []
+        mlflow_s, optuna_s, behind_s = [], [], []
         for i in range(args.store_trials):
+            behind_s.append(optuna_trial(study_behind, space, i))  # on the caller's thread
+            behind.flush()  # its store writes done before the direct trial is timed, as a sweep overlaps them
             t0 = time.perf_counter()
             trial = study.ask(space)
             t1 = time.perf_counter()
@@ -706,9 +715,14 @@ def store_latency(kind: str, args: argparse.Namespace, console: Console) -> dict
                 console.print(
                     f"  {kind}: {i + 1} trials, the last 100: MLflow "
                     f"{1000 * statistics.median(mlflow_s[-100:]):.0f} ms, Optuna "
-                    f"{1000 * statistics.median(optuna_s[-100:]):.0f} ms a trial"
+                    f"{1000 * statistics.median(optuna_s[-100:]):.0f} ms a trial, written behind "
+                    f"{1000 * statistics.median(behind_s[-100:]):.1f} ms"
                 )
-        reads = {}
+        t0 = time.perf_counter()
+        behind.close()
+        reads["optuna_behind_close_s"] = time.perf_counter() - t0
+        stored = optuna.load_study(study_name="stores/lora-behind", storage=url).trials
+        reads["optuna_behind_stored"] = len(stored)  # every trial in the store once closed
         t0 = time.perf_counter()
         runs = tracker._children(tracker.method_runs["lora"], "trial")  # what resume and the report read
         reads["mlflow_search_runs_s"] = time.perf_counter() - t0
@@ -729,9 +743,30 @@ def store_latency(kind: str, args: argparse.Namespace, console: Console) -> dict
         "optuna_ms_per_trial": _batches(optuna_s, batch),
         "mlflow_ms_median": 1000 * statistics.median(mlflow_s),
         "optuna_ms_median": 1000 * statistics.median(optuna_s),
+        "optuna_behind_ms_per_trial": _batches(behind_s, batch),
+        "optuna_behind_ms_median": 1000 * statistics.median(behind_s),
         "mlflow_calls_per_trial": 2 + len(REPORTS) + 2,  # create_run, params; a batch per report; tag, end
         **reads,
     }
+
+
+def sweep_sampler() -> Any:
+    """The sampler a sweep's study has with `strategy: tpe` (`sweep.method_searcher`)."""
+    from peftsweep.orchestrator.strategy import LogBracketSampler
+
+    return LogBracketSampler(n_startup=4, resolution=0.3, then="tpe", seed=0)
+
+
+def optuna_trial(study: Any, space: dict[str, Any], i: int) -> float:
+    """Seconds one trial's Optuna calls take on the caller's thread: ask, a report per eval point, tell."""
+    t0 = time.perf_counter()
+    trial = study.ask(space)
+    value = 0.0
+    for step in REPORTS:
+        value = step / 150 * (i % 10) / 10
+        trial.report(value, step)
+    study.tell(trial, value)
+    return time.perf_counter() - t0
 
 
 def _batches(seconds: list[float], size: int) -> list[tuple[int, float]]:
@@ -870,12 +905,14 @@ def print_stores(result: dict[str, Any], console: Console) -> None:
         table.add_column(f"{n}", justify="right")
     table.add_column("reads at the end (s)", justify="right")
     for kind, r in result.items():
-        for what in ("mlflow", "optuna"):
-            reads = (
-                f"search_runs {r['mlflow_search_runs_s']:.1f}" if what == "mlflow"
-                else f"get_trials {r['optuna_get_trials_s']:.2f}, status {r['peftsweep_status_s']:.1f}"
-            )  # fmt: skip
-            table.add_row(kind, what, *(f"{ms:.0f}" for _, ms in r[f"{what}_ms_per_trial"]), reads)
+        for what in ("mlflow", "optuna", "optuna_behind"):
+            reads = {
+                "mlflow": f"search_runs {r['mlflow_search_runs_s']:.1f}",
+                "optuna": f"get_trials {r['optuna_get_trials_s']:.2f}, status {r['peftsweep_status_s']:.1f}",
+                "optuna_behind": f"close {r['optuna_behind_close_s']:.2f} s, {r['optuna_behind_stored']} in",
+            }[what]
+            label = "optuna, written behind" if what == "optuna_behind" else what
+            table.add_row(kind, label, *(f"{ms:.1f}" for _, ms in r[f"{what}_ms_per_trial"]), reads)
     console.print(table)
 
 

@@ -133,11 +133,8 @@ class SweepProgress:
         }
 
     def _best(self, mine: Sequence[TrialRecord]) -> TrialRecord | None:
-        """`SweepTracker.best_trial` (scoring's representative) over a snapshot of the method's trials."""
-        metric = self.spec.search.metric or ""
-        records = [scoring.run_record(t, metric) for t in mine if t.status in FINISHED]
-        chosen = scoring.representative(records, self.spec.search.direction)
-        return next((t for t in mine if t.trial_id == chosen.trial_id), None) if chosen else None
+        """`SweepTracker.best_trial` over a snapshot of the method's trials (the Live thread's view)."""
+        return scoring.representative_trial(mine, self.spec.search.metric or "", self.spec.search.direction)
 
     def _leaders(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """All rows in spec order when they fit; else the best so far first (ties: trials running first)."""

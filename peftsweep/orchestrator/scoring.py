@@ -33,9 +33,10 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 Direction = Literal["max", "min"]
+T = TypeVar("T")  # a record of a trial with a ``trial_id`` (tracking's TrialRecord, the report's Trial)
 VerdictKind = Literal["best", "tie", "worse", "no result"]
 
 ALPHA = 0.05  # two-sided significance of the leader-vs-method Welch test (3 tests: the leader vs the others)
@@ -169,6 +170,13 @@ def representative(
     score = method_score(runs, direction, method)
     candidates = [r for r in (score.runs if score else ()) if r.has_adapter]
     return max(candidates, key=lambda r: _sign(direction) * float(r.value or 0.0), default=None)
+
+
+def representative_trial(trials: Sequence[T], metric: str, direction: Direction) -> T | None:
+    """Which of ``trials`` (the tracker's records, or a snapshot of them) `representative` picks: the one
+    rule, wherever a method's best trial is shown or registered."""
+    chosen = representative([run_record(t, metric) for t in trials], direction)
+    return next((t for t in trials if t.trial_id == chosen.trial_id), None) if chosen else None
 
 
 def best_method(scores: Mapping[str, ConfigScore | None], direction: Direction) -> str | None:

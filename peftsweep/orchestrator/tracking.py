@@ -403,10 +403,8 @@ class SweepTracker:
 
     def best_trial(self, method: str) -> TrialRecord | None:
         """The trial that represents a method (registered as best-<method>): `scoring.representative`."""
-        chosen = scoring.representative(self.records(method), self.spec.search.direction)
-        if chosen is None:
-            return None
-        return next((t for t in self._by_method.get(method, []) if t.trial_id == chosen.trial_id), None)
+        trials = self._by_method.get(method, [])
+        return scoring.representative_trial(trials, self.spec.search.metric or "", self.spec.search.direction)
 
     def champion_method(self) -> str | None:
         """The best-scored method (`scoring.best_method`): what becomes champion or challenger."""
