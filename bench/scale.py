@@ -325,20 +325,32 @@ class Probes:
         self._undo.append(lambda: gc.callbacks.remove(probe))
 
 
-def memory_growth(baseline: Any, top: int = 12) -> list[dict[str, Any]]:
-    """Where the driver's Python allocations grew since ``baseline`` (a tracemalloc snapshot), largest first,
-    each with its allocating stack (innermost last): what holds the memory a sweep adds per trial."""
+def memory_growth(snapshots: list[tuple[int, Any]], top: int = 12) -> dict[str, Any]:
+    """Where the driver's Python allocations grew between the first and the last of ``snapshots`` ((trials
+    done, tracemalloc snapshot), taken while trials run, before Tune lets go of its trials at the end): the
+    traced total, the files that made the growth, and the largest allocating stacks (innermost last)."""
     skip = (tracemalloc.Filter(False, tracemalloc.__file__),)
-    now = tracemalloc.take_snapshot().filter_traces(skip)
-    stats = now.compare_to(baseline.filter_traces(skip), "traceback")
-    return [
-        {"kib": round(st.size_diff / 1024, 1), "blocks": st.count_diff, "stack": st.traceback.format()[-12:]}
-        for st in stats[:top]
-    ]
+    (n0, first), (n1, last) = snapshots[0], snapshots[-1]
+    before, after = first.filter_traces(skip), last.filter_traces(skip)
+    files = after.compare_to(before, "filename")
+    stacks = after.compare_to(before, "traceback")
+    return {
+        "between_trials": [n0, n1],
+        "traced_growth_mib": round(sum(st.size_diff for st in files) / 2**20, 1),
+        "by_file": [
+            {"mib": round(st.size_diff / 2**20, 2), "blocks": st.count_diff, "file": st.traceback[0].filename}
+            for st in files[:top]
+        ],
+        "stacks": [
+            {"kib": round(st.size_diff / 1024, 1), "blocks": st.count_diff, "stack": st.traceback.format()[-12:]}
+            for st in stacks[:top]
+        ],
+    }
 
 
-def sampler_callback(every: int) -> Any:
-    """A Tune callback sampling the driver's RSS (MiB) and CPU seconds every ``every`` completed trials."""
+def sampler_callback(every: int, trace_at: tuple[int, int] = (0, 0)) -> Any:
+    """A Tune callback sampling the driver's RSS (MiB) and CPU seconds every ``every`` completed trials,
+    and, when tracemalloc traces, a snapshot at each of ``trace_at`` completed trials (`memory_growth`)."""
     import psutil
     from ray import tune
 
@@ -347,7 +359,7 @@ def sampler_callback(every: int) -> Any:
             self.process = psutil.Process()
             self.done = 0
             self.samples: list[tuple[int, float, float, float]] = [self.sample()]
-            self.baseline: Any = None
+            self.snapshots: list[tuple[int, Any]] = []  # (trials done, tracemalloc snapshot)
 
         def sample(self) -> tuple[int, float, float, float]:
             cpu = self.process.cpu_times()
@@ -360,8 +372,8 @@ def sampler_callback(every: int) -> Any:
             self.done += 1
             if self.done % every == 0:
                 self.samples.append(self.sample())
-                if self.done == every and tracemalloc.is_tracing():  # the baseline of `memory_growth`
-                    self.baseline = tracemalloc.take_snapshot()
+            if self.done in trace_at and tracemalloc.is_tracing():
+                self.snapshots.append((self.done, tracemalloc.take_snapshot()))
 
         on_trial_error = on_trial_complete
 
@@ -434,7 +446,8 @@ def scale(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             f"scale: {len(spec.methods)} methods × {args.trials} trials, {slots} slots of "
             f"{args.gpus_per_trial} GPUs on {args.nodes} nodes ({resources}), store {args.store}"
         )
-        probes, sampler = Probes(), sampler_callback(SAMPLE_EVERY)
+        search_trials = len(spec.methods) * args.trials  # confirmation runs come after most of them
+        probes, sampler = Probes(), sampler_callback(SAMPLE_EVERY, (SAMPLE_EVERY, search_trials - SAMPLE_EVERY))
         if args.tracemalloc:
             tracemalloc.start(args.tracemalloc)
         with probes.installed():
@@ -480,9 +493,9 @@ def scale(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         out["decisions_per_s"] = decision_rate(probes)
         out["integrity"] = integrity(spec, tracker, read_log(log))
         out["display"] = display_stats(null.file.getvalue())
-        if sampler.baseline is not None:
-            out["memory_growth"] = memory_growth(sampler.baseline)
-            tracemalloc.stop()
+        if len(sampler.snapshots) == 2:
+            out["memory_growth"] = memory_growth(sampler.snapshots)
+        tracemalloc.stop()
     return out
 
 
