@@ -342,7 +342,7 @@ def memory_growth(snapshots: list[tuple[int, Any]], top: int = 12) -> dict[str, 
             for st in files[:top]
         ],
         "stacks": [
-            {"kib": round(st.size_diff / 1024, 1), "blocks": st.count_diff, "stack": st.traceback.format()[-12:]}
+            {"kib": round(st.size_diff / 1024, 1), "blocks": st.count_diff, "stack": st.traceback.format()}
             for st in stacks[:top]
         ],
     }
@@ -447,7 +447,8 @@ def scale(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             f"{args.gpus_per_trial} GPUs on {args.nodes} nodes ({resources}), store {args.store}"
         )
         search_trials = len(spec.methods) * args.trials  # confirmation runs come after most of them
-        probes, sampler = Probes(), sampler_callback(SAMPLE_EVERY, (SAMPLE_EVERY, search_trials - SAMPLE_EVERY))
+        trace_at = (SAMPLE_EVERY, search_trials - SAMPLE_EVERY)
+        probes, sampler = Probes(), sampler_callback(SAMPLE_EVERY, trace_at)
         if args.tracemalloc:
             tracemalloc.start(args.tracemalloc)
         with probes.installed():
