@@ -44,7 +44,7 @@ class WriteBehindStorage(InMemoryStorage):
         self.store = store
         self._writes = Writes("peftsweep-optuna")
         self._store_study: dict[int, int] = {}  # our study id -> the store's (set on the caller's thread)
-        self._store_trial: dict[int, int] = {}  # our trial id -> the store's (set on the writer's thread)
+        self._store_trial: dict[int, int] = {}  # our trial id -> the store's (once the store has the trial)
 
     # --- studies: opened from the store, created in it at once (rare, before any trial) ---
 
@@ -90,14 +90,16 @@ class WriteBehindStorage(InMemoryStorage):
         return self.store.get_all_studies()
 
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
-        super().set_study_user_attr(study_id, key, value)
-        value = copy.deepcopy(value)  # as it is now, whatever the caller does with it next
-        self._behind(lambda store: store.set_study_user_attr(self._store_study[study_id], key, value))
+        stored = copy.deepcopy(value)  # as it is now, whatever the caller does with it next
+        with self._lock:
+            super().set_study_user_attr(study_id, key, value)
+            self._behind(lambda store: store.set_study_user_attr(self._store_study[study_id], key, stored))
 
     def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
-        super().set_study_system_attr(study_id, key, value)
-        value = copy.deepcopy(value)
-        self._behind(lambda store: store.set_study_system_attr(self._store_study[study_id], key, value))
+        stored = copy.deepcopy(value)
+        with self._lock:
+            super().set_study_system_attr(study_id, key, value)
+            self._behind(lambda store: store.set_study_system_attr(self._store_study[study_id], key, stored))
 
     # --- trials: every write in memory now, in the store behind ---
 
@@ -105,9 +107,9 @@ class WriteBehindStorage(InMemoryStorage):
         with self._lock:
             trial_id = super().create_new_trial(study_id, template_trial)
             created = copy.deepcopy(self._get_trial(trial_id))  # the store gets it whole, in one transaction
-        store_study = self._store_study[study_id]
-        self._writes.submit(lambda: self._create_in_store(store_study, trial_id, created))
-        return trial_id
+            store_study = self._store_study[study_id]
+            self._writes.submit(lambda: self._create_in_store(store_study, trial_id, created))
+            return trial_id
 
     def _create_in_store(self, store_study: int, trial_id: int, trial: FrozenTrial) -> None:
         store_id = self.store.create_new_trial(store_study, template_trial=trial)
@@ -122,48 +124,55 @@ class WriteBehindStorage(InMemoryStorage):
     def set_trial_param(
         self, trial_id: int, param_name: str, param_value_internal: float, distribution: BaseDistribution
     ) -> None:
-        super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
-        self._behind(
-            lambda store: store.set_trial_param(
-                self._store_trial[trial_id], param_name, param_value_internal, distribution
+        with self._lock:
+            super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
+            self._behind(
+                lambda store: store.set_trial_param(
+                    self._store_trial[trial_id], param_name, param_value_internal, distribution
+                )
             )
-        )
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
-        if not super().set_trial_state_values(trial_id, state, values):
-            return False  # nothing changed (a RUNNING trial claimed again): nothing to store
-        values = list(values) if values is not None else None
-        self._behind(lambda store: self._set_state_in_store(trial_id, state, values))
-        return True
+        stored = list(values) if values is not None else None
+        with self._lock:
+            if not super().set_trial_state_values(trial_id, state, values):
+                return False  # nothing changed (a RUNNING trial claimed again): nothing to store
+            number = self.get_trial_number_from_id(trial_id)
+            self._behind(lambda store: self._set_state_in_store(trial_id, number, state, stored))
+            return True
 
-    def _set_state_in_store(self, trial_id: int, state: TrialState, values: list[float] | None) -> None:
+    def _set_state_in_store(
+        self, trial_id: int, number: int, state: TrialState, values: list[float] | None
+    ) -> None:
         if not self.store.set_trial_state_values(self._store_trial[trial_id], state, values):
-            raise StoreConflict(
-                f"Optuna trial {self.get_trial_number_from_id(trial_id)}: another process set its state "
-                "in the store"
-            )
+            raise StoreConflict(f"Optuna trial {number}: another process set its state in the store")
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        super().set_trial_intermediate_value(trial_id, step, intermediate_value)
-        v = intermediate_value
-        self._behind(lambda store: store.set_trial_intermediate_value(self._store_trial[trial_id], step, v))
+        with self._lock:
+            super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+            v = intermediate_value
+            self._behind(lambda st: st.set_trial_intermediate_value(self._store_trial[trial_id], step, v))
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        super().set_trial_user_attr(trial_id, key, value)
-        value = copy.deepcopy(value)
-        self._behind(lambda store: store.set_trial_user_attr(self._store_trial[trial_id], key, value))
+        stored = copy.deepcopy(value)
+        with self._lock:
+            super().set_trial_user_attr(trial_id, key, value)
+            self._behind(lambda store: store.set_trial_user_attr(self._store_trial[trial_id], key, stored))
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        super().set_trial_system_attr(trial_id, key, value)
-        value = copy.deepcopy(value)
-        self._behind(lambda store: store.set_trial_system_attr(self._store_trial[trial_id], key, value))
+        stored = copy.deepcopy(value)
+        with self._lock:
+            super().set_trial_system_attr(trial_id, key, value)
+            self._behind(lambda store: store.set_trial_system_attr(self._store_trial[trial_id], key, stored))
 
     # --- the queue ---
 
     def _behind(self, write: Callable[[BaseStorage], None]) -> None:
-        """Queue ``write`` for the store, after every write queued before it."""
+        """Queue ``write`` for the store, after every write queued before it. Callers hold the storage's lock
+        from their write in memory to here, so the store gets the writes of several threads in the order
+        memory did; the writer's thread never takes that lock (a flush under it cannot deadlock)."""
         self._writes.submit(lambda: write(self.store))
 
     def flush(self) -> None:

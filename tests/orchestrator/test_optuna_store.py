@@ -180,3 +180,20 @@ def test_studies_are_created_in_the_store_at_once_and_listed_from_it(tmp_path: P
     assert optuna.load_study(study_name="b", storage=storage).trials == []
     with pytest.raises(KeyError):
         optuna.load_study(study_name="c", storage=storage)
+
+
+def test_trials_of_several_threads_reach_the_store_as_memory_ordered_them(tmp_path: Path) -> None:
+    storage = WriteBehindStorage(RDBStorage(url(tmp_path)))
+    study = optuna.create_study(study_name="threads", storage=storage)
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", -1.0, 1.0)
+        trial.set_user_attr("thread", threading.current_thread().name)
+        trial.report(x, 1)
+        return x * x
+
+    study.optimize(objective, n_trials=40, n_jobs=4)  # Optuna's own threads, one study
+    storage.close()
+    memory = study.get_trials(deepcopy=False)
+    assert len(memory) == 40 and len({t.user_attrs["thread"] for t in memory}) > 1
+    assert [as_stored(t) for t in stored(tmp_path, "threads")] == [as_stored(t) for t in memory]
