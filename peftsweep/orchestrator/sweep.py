@@ -388,7 +388,7 @@ def _tuner(spec: SweepSpec, search: Any, callbacks: list, trainable: Any | None)
     """`run_methods`' Tune run: the sweep's searcher (a `methods.SweepSearch`) and per-method schedulers."""
     from ray import tune
 
-    from peftsweep.orchestrator.methods import SweepScheduler, UntoldEnds
+    from peftsweep.orchestrator.methods import ForgetSummaries, SweepScheduler, UntoldEnds
     from peftsweep.orchestrator.trial import trainable as trial_trainable
     from peftsweep.orchestrator.trial import tune_run_config_extras
 
@@ -405,7 +405,7 @@ def _tuner(spec: SweepSpec, search: Any, callbacks: list, trainable: Any | None)
         run_config=tune.RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(spec.tracking.ray_storage / "tune"),
-            callbacks=[*callbacks, UntoldEnds(search, callbacks)],
+            callbacks=[*callbacks, UntoldEnds(search, callbacks), ForgetSummaries()],
             verbose=0,
             **tune_run_config_extras(spec),
         ),

@@ -4,6 +4,7 @@ the real ASHA scheduler; the real sweep is tests/orchestrator/test_sweep_e2e.py.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from peftsweep.orchestrator.methods import MethodRun, SweepScheduler, SweepSearch, UntoldEnds
+from peftsweep.orchestrator.methods import ForgetSummaries, MethodRun, SweepScheduler, SweepSearch, UntoldEnds
 from peftsweep.trainables.trial_config import TRIAL_KEY
 
 
@@ -242,3 +243,19 @@ def test_trials_tune_ended_as_usual_are_not_told_twice() -> None:
         iteration=1, trials=[SimpleNamespace(trial_id="t0", status="TERMINATED")]
     )
     assert recorder.told == [] and made["search"].completed == ["t0"]
+
+
+def test_an_ended_trials_metric_summaries_are_dropped_and_its_last_result_kept() -> None:
+    from ray.tune.experiment import Trial
+
+    trial = Trial("replay", stub=True)
+    for step in (1, 2, 3):
+        result = {"eval_loss": 3.0 - step, "exact_match": 0.1 * step, "training_iteration": step}
+        trial.update_last_result(result)
+    assert set(trial.metric_analysis) >= {"eval_loss", "exact_match"} and trial.metric_n_steps
+    before = json.loads(trial.get_json_state()[1])  # Tune's state file holds them too
+    ForgetSummaries().on_trial_complete(iteration=3, trials=[trial], trial=trial)
+    assert trial.metric_analysis == {} and trial.metric_n_steps == {}
+    after = json.loads(trial.get_json_state()[1])
+    assert before["metric_analysis"] and after["metric_analysis"] == {} and after["metric_n_steps"] == {}
+    assert trial.last_result["eval_loss"] == 0.0  # what the tracker and the searcher read stays
