@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from peftsweep.orchestrator.methods import MethodRun
+    from peftsweep.orchestrator.optuna_store import WriteBehindStorage
     from peftsweep.orchestrator.tracking import GateDecision, SweepTracker, TrialRecord
 
 # How often Tune may snapshot its experiment state during a sweep's run: in effect never (a sweep resumes from
@@ -217,7 +218,7 @@ def _worker_task(spec: SweepSpec, fn: Callable[..., Any]) -> Any:
 
 
 @contextlib.contextmanager
-def studies(spec: SweepSpec) -> Iterator[Any]:
+def studies(spec: SweepSpec) -> Iterator[WriteBehindStorage]:
     """The methods' Optuna studies for one Tune run, in memory and written behind to the sweep's store
     (`optuna_store`: an ask and a tell take ~100 ms against Postgres on Tune's one thread, ~3 ms here). The
     store has every write when this ends, the run's failure included."""
@@ -281,7 +282,7 @@ def method_searcher(
     lr_range: tuple[float, float] | None = None,  # a prior's range instead of the spec's
     points: list[dict] | None = None,  # configurations to try first (Optuna enqueue_trial)
     nightly: bool = False,
-    storage: Any | None = None,  # the sweep's `studies`; None: the store itself
+    storage: WriteBehindStorage | None = None,  # the sweep's `studies`; None: the store itself
 ) -> Any:
     """The method's search: its own Optuna study (RDB storage) behind Ray Tune's OptunaSearch, sampled by
     the spec's strategy (`strategy.LogBracketSampler`), stopped trials stored as PRUNED, with the budget of
@@ -648,7 +649,7 @@ def _method_runs(
     curvature: dict[str, float],
     t0: float,
     nightly: bool = False,
-    storage: Any | None = None,  # the run's `studies`
+    storage: WriteBehindStorage | None = None,  # the run's `studies`
 ) -> list[MethodRun]:
     """Each method's part of the one Tune run: its search (budget left, LR prior, killed configurations
     first on resume) and its confirmation, started when their inputs are known."""
