@@ -220,8 +220,8 @@ def _worker_task(spec: SweepSpec, fn: Callable[..., Any]) -> Any:
 @contextlib.contextmanager
 def studies(spec: SweepSpec) -> Iterator[WriteBehindStorage]:
     """The methods' Optuna studies for one Tune run, in memory and written behind to the sweep's store
-    (`optuna_store`: an ask and a tell take ~100 ms against Postgres on Tune's one thread, ~3 ms here). The
-    store has every write when this ends, the run's failure included."""
+    (`optuna_store`: a suggestion and a tell took ~106 ms on Tune's one thread against Postgres, ~6 ms so).
+    The store has every write when this ends, the run's failure included."""
     from peftsweep.orchestrator.optuna_store import WriteBehindStorage
 
     storage = WriteBehindStorage(open_storage(spec.tracking.optuna_storage_url()))
