@@ -665,6 +665,7 @@ def store_latency(kind: str, args: argparse.Namespace, console: Console) -> dict
     trial; then the reads that grow with the stores."""
     import optuna
 
+    from peftsweep.orchestrator import sweep
     from peftsweep.orchestrator.optuna_store import WriteBehindStorage
     from peftsweep.orchestrator.status import open_storage, sweep_status
     from peftsweep.orchestrator.tracking import SweepTracker
@@ -680,6 +681,7 @@ def store_latency(kind: str, args: argparse.Namespace, console: Console) -> dict
         raw = grid_spec(root=work / "sweep").model_dump(mode="json") | {"name": "stores"}
         raw["methods"] = [m for m in raw["methods"] if m["name"] == "lora"]
         raw["tracking"] |= tracking
+        raw["search"] |= {"strategy": "tpe", "lr_grid": None}  # as the scale part: TPE after the start-up
         spec = parse_spec(raw)
         spec.tracking.root.mkdir(parents=True)
         tracker = SweepTracker(spec)
@@ -689,7 +691,10 @@ def store_latency(kind: str, args: argparse.Namespace, console: Console) -> dict
         behind = WriteBehindStorage(open_storage(url))
         study, study_behind = (  # side by side: the store itself, and written behind (`sweep.studies`)
             optuna.create_study(
-                study_name=f"stores/{name}", storage=storage, sampler=sweep_sampler(), direction="maximize"
+                study_name=f"stores/{name}",
+                storage=storage,
+                sampler=sweep.method_sampler(spec),
+                direction="maximize",
             )
             for name, storage in (("lora", open_storage(url)), ("lora-behind", behind))
         )
@@ -762,13 +767,6 @@ def store_latency(kind: str, args: argparse.Namespace, console: Console) -> dict
         "mlflow_calls_per_trial": 2 + len(REPORTS) + 2,  # create_run, params; a batch per report; tag, end
         **reads,
     }
-
-
-def sweep_sampler() -> Any:
-    """The sampler a sweep's study has with `strategy: tpe` (`sweep.method_searcher`)."""
-    from peftsweep.orchestrator.strategy import LogBracketSampler
-
-    return LogBracketSampler(n_startup=4, resolution=0.3, then="tpe", seed=0)
 
 
 def optuna_trial(study: Any, space: dict[str, Any], i: int) -> float:

@@ -294,7 +294,7 @@ def method_searcher(
     import optuna
 
     from peftsweep.orchestrator.budget import BudgetedSearch
-    from peftsweep.orchestrator.strategy import LogBracketSampler, StrategyOptunaSearch
+    from peftsweep.orchestrator.strategy import StrategyOptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mspec, search = spec.method(method), spec.search
@@ -302,15 +302,7 @@ def method_searcher(
     space = {"lr": optuna.distributions.FloatDistribution(lo, hi, log=True)}
     if mspec.ranks:  # rank-less methods (IA3, BitFit, full FT, prompt methods) search the LR only
         space["rank"] = optuna.distributions.CategoricalDistribution(mspec.ranks)
-    n_startup = min(search.n_startup_trials, search.trials_per_method)
-    sampler = LogBracketSampler(
-        n_startup=n_startup,
-        resolution=search.bracket_resolution,
-        then="tpe" if search.strategy == "tpe" or nightly else "bracket",
-        check_ranks=search.check_ranks,
-        seed=search.seed,
-        grid=search.lr_grid,
-    )
+    sampler = method_sampler(spec, nightly)
     plan = _plan(spec, method, data_dir)
     return BudgetedSearch(
         # metric/mode go to the searcher itself: with a fixed space it never reads them from TuneConfig.
@@ -328,9 +320,24 @@ def method_searcher(
             trial_id, params["lr"], params.get("rank", 0), index=index
         ),
         max_trials=trials,
-        n_startup_trials=n_startup,
+        n_startup_trials=sampler.n_startup,
         deadline=deadline,
         trial_seconds=search.max_trial_seconds_per_method,
+    )
+
+
+def method_sampler(spec: SweepSpec, nightly: bool = False) -> Any:
+    """A method study's sampler, as the spec's search strategy says (`strategy.LogBracketSampler`)."""
+    from peftsweep.orchestrator.strategy import LogBracketSampler
+
+    search = spec.search
+    return LogBracketSampler(
+        n_startup=min(search.n_startup_trials, search.trials_per_method),
+        resolution=search.bracket_resolution,
+        then="tpe" if search.strategy == "tpe" or nightly else "bracket",
+        check_ranks=search.check_ranks,
+        seed=search.seed,
+        grid=search.lr_grid,
     )
 
 
